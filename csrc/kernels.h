@@ -1,0 +1,56 @@
+// The kernels behind the ops, one declaration per device, and the routing between them.
+// The ops (csrc/ops/) check arguments, allocate outputs and call ATen for the large GEMMs;
+// everything MiSS-specific and memory-bound runs in these kernels.
+//
+// Conventions for every kernel: outputs are allocated by the caller; `block32` is the block
+// converted to contiguous float32 (it is small); sizes come from the tensors; N == 0 and
+// empty tensors are allowed.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "philox_dropout.h"
+
+#define MISS_DECLARE_KERNELS                                                                    \
+  /* fold[n, c] = sum over i % r == c of drop(x)[n, i]; x [..., in] any strides; fold [N, r] */ \
+  void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& fold);         \
+  /* grad_x[n, i] (+)= drop(n, i) * g[n, i % r]; grad_x [N, in] contiguous; g [N, r] fp32 */     \
+  void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dropout,        \
+                  bool accumulate);                                                             \
+  /* y[n, o] += v[n, o % m]; y [N, out] contiguous; v [N, m] fp32 contiguous */                 \
+  void add_out_tiled(at::Tensor& y, const at::Tensor& v);                                       \
+  /* out_kj = W_kj + W_kj B_k + B_k; out may be weight itself (in-place merge) */               \
+  void bat_transform(const at::Tensor& weight, const at::Tensor& block32, at::Tensor& out);     \
+  /* grad_block32_k = sum_j W_kj^T G_kj + G_kj */                                               \
+  void bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight,                  \
+                      at::Tensor& grad_block32);                                                \
+  /* out_kj = G_kj (I + B_k)^T, the gradient of bat_transform with respect to W */              \
+  void bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block32,                \
+                       at::Tensor& out);                                                        \
+  /* W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64 */                     \
+  void bat_unmerge(at::Tensor& weight, const at::Tensor& block32, const at::Tensor& inverse);   \
+  /* W[o, i] += sign * B[i % r, o % m]; block32 [r, m] */                                       \
+  void shard_merge(at::Tensor& weight, const at::Tensor& block32, float sign);                  \
+  /* whether every W[o, i] + sign * B[i % r, o % m] is finite, without writing W */             \
+  bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block32, float sign);
+
+namespace miss {
+namespace cpu {
+MISS_DECLARE_KERNELS
+}
+#ifdef MISS_WITH_CUDA
+namespace cuda {
+MISS_DECLARE_KERNELS
+}
+#endif
+}  // namespace miss
+
+#undef MISS_DECLARE_KERNELS
+
+// Calls miss::cuda::NAME or miss::cpu::NAME by the device of TENSOR.
+#ifdef MISS_WITH_CUDA
+#define MISS_ROUTE(TENSOR, NAME, ...) \
+  ((TENSOR).is_cuda() ? ::miss::cuda::NAME(__VA_ARGS__) : ::miss::cpu::NAME(__VA_ARGS__))
+#else
+#define MISS_ROUTE(TENSOR, NAME, ...) (::miss::cpu::NAME(__VA_ARGS__))
+#endif

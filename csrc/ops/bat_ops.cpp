@@ -1,0 +1,133 @@
+// BAT ops. The adapted weight W' (W_kj + W_kj B_k + B_k per r x r tile) is built for the
+// forward GEMM and rebuilt in backward rather than kept: PEFT keeps weight-sized copies for
+// backward, which is where its extra memory goes. The backward needs the full
+// G = dy^T x (the gradient with respect to W'), computed in float32.
+#include <c10/core/DeviceGuard.h>
+
+#include "../checks.h"
+#include "../kernels.h"
+#include "../tensor_views.h"
+#include "ops.h"
+
+namespace miss {
+namespace {
+
+void check_bat_layer(const char* op, const at::Tensor& weight, const at::Tensor& block) {
+  check_float_tensor(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
+  check_bat_block(op, block, weight.size(1), weight.size(0));
+  check_same_device(op, "block", block, "weight", weight);
+}
+
+at::Tensor transformed_weight(const at::Tensor& weight, const at::Tensor& block) {
+  const at::Tensor w = weight.contiguous();
+  at::Tensor result = at::empty_like(w);
+  MISS_ROUTE(w, bat_transform, w, block.to(at::kFloat).contiguous(), result);
+  return result;
+}
+
+at::Tensor block_grad_of(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r) {
+  at::Tensor grad_block = at::empty({weight.size(0) / r, r, r}, weight.options().dtype(at::kFloat));
+  MISS_ROUTE(weight, bat_block_grad, grad_weight.contiguous(), weight.contiguous(), grad_block);
+  return grad_block;
+}
+
+at::Tensor weight_grad_of(const at::Tensor& grad_weight, const at::Tensor& block) {
+  const at::Tensor g = grad_weight.contiguous();
+  at::Tensor result = at::empty_like(g);
+  MISS_ROUTE(g, bat_weight_grad, g, block.to(at::kFloat).contiguous(), result);
+  return result;
+}
+
+void check_x_for_weight(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_float_tensor(op, "x", x);
+  check_min_dim(op, "x", x, 1);
+  check_same_device(op, "x", x, "weight", weight);
+  check_same_dtype(op, "x", x, "weight", weight);
+  check_size(op, "x", x, x.dim() - 1, weight.size(1), "in_features of weight");
+}
+
+}  // namespace
+
+at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block) {
+  check_bat_layer("bat_weight", weight, block);
+  const c10::OptionalDeviceGuard guard(at::device_of(weight));
+  return transformed_weight(weight, block);
+}
+
+at::Tensor bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r) {
+  const char* op = "bat_block_grad";
+  check_float_tensor(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
+  check_float_tensor(op, "grad_weight", grad_weight);
+  check_same_device(op, "grad_weight", grad_weight, "weight", weight);
+  TORCH_CHECK(grad_weight.sizes() == weight.sizes(), "miss.", op,
+              ": argument 'grad_weight' must have the shape of 'weight' ", weight.sizes(), ", got ",
+              grad_weight.sizes());
+  TORCH_CHECK(r >= 1 && weight.size(0) % r == 0 && weight.size(1) % r == 0, "miss.", op,
+              ": argument 'r' (", r, ") must divide in_features (", weight.size(1),
+              ") and out_features (", weight.size(0), ")");
+  const c10::OptionalDeviceGuard guard(at::device_of(weight));
+  return block_grad_of(grad_weight, weight, r);
+}
+
+at::Tensor bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block) {
+  const char* op = "bat_weight_grad";
+  check_float_tensor(op, "grad_weight", grad_weight);
+  check_dim(op, "grad_weight", grad_weight, 2);
+  check_bat_block(op, block, grad_weight.size(1), grad_weight.size(0));
+  check_same_device(op, "block", block, "grad_weight", grad_weight);
+  const c10::OptionalDeviceGuard guard(at::device_of(grad_weight));
+  return weight_grad_of(grad_weight, block);
+}
+
+at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                      const at::Tensor& block) {
+  const char* op = "bat_linear";
+  check_bat_layer(op, weight, block);
+  check_x_for_weight(op, x, weight);
+  if (bias.has_value() && bias->defined()) {
+    check_dim(op, "bias", *bias, 1);
+    check_size(op, "bias", *bias, 0, weight.size(0), "out_features");
+    check_same_device(op, "bias", *bias, "weight", weight);
+    check_same_dtype(op, "bias", *bias, "weight", weight);
+  }
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
+  return at::linear(x, transformed_weight(weight, block), bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& block, std::array<bool, 3> output_mask) {
+  const char* op = "bat_linear_backward";
+  check_bat_layer(op, weight, block);
+  check_x_for_weight(op, x, weight);
+  check_float_tensor(op, "grad_out", grad_out);
+  check_same_device(op, "grad_out", grad_out, "weight", weight);
+  check_same_dtype(op, "grad_out", grad_out, "weight", weight);
+  TORCH_CHECK(grad_out.dim() == x.dim() &&
+                  grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
+                  grad_out.size(-1) == weight.size(0),
+              "miss.", op, ": argument 'grad_out' must have shape x.shape[:-1] + [out_features=",
+              weight.size(0), "], got ", grad_out.sizes());
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
+  const bool need_x = output_mask[0], need_weight = output_mask[1], need_block = output_mask[2];
+  const int64_t rows = num_rows(x), in = weight.size(1), out = weight.size(0);
+  const at::Tensor dy = grad_out.reshape({rows, out});
+
+  at::Tensor grad_x = at::empty({0}, x.options());
+  if (need_x) grad_x = at::mm(dy, transformed_weight(weight, block)).view(x.sizes());
+
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_block = at::empty({0}, block.options());
+  if (need_weight || need_block) {
+    // float32 G: dB sums r * in / r products of G with W, and G rounded to bf16 would
+    // carry a 2^-9 relative error into every one of them.
+    const at::Tensor g = at::mm(dy.t().to(at::kFloat), x.reshape({rows, in}).to(at::kFloat));
+    if (need_block) grad_block = block_grad_of(g, weight, block.size(-1)).to(block.scalar_type());
+    if (need_weight) grad_weight = weight_grad_of(g, block).to(weight.scalar_type());
+  }
+  return {grad_x, grad_weight, grad_block};
+}
+
+}  // namespace miss

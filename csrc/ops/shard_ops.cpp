@@ -1,0 +1,202 @@
+// Standard and mini MiSS ops (the "activation path" of DESIGN.md): the base GEMMs run in
+// ATen, the fold / tile / out-tiled add run in our kernels, and the only tensor kept for
+// backward is the fold, [N, r] float32. A [r, m] block with m == out is standard; m < out is
+// mini, whose full [r, out] block (PEFT's B.repeat) is never built.
+#include <c10/core/DeviceGuard.h>
+
+#include "../checks.h"
+#include "../kernels.h"
+#include "../tensor_views.h"
+#include "ops.h"
+
+namespace miss {
+namespace {
+
+// Rows handled at once when a float32 temporary of [rows, width] must be built from a
+// float16/bfloat16 tensor: bounds the temporary to ~4 MiB whatever N is.
+int64_t chunk_rows(int64_t width) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, width)); }
+
+at::Tensor contiguous_float(const at::Tensor& block) { return block.to(at::kFloat).contiguous(); }
+
+at::Tensor fold_of(const at::Tensor& x, int64_t r, const DropoutParams& dropout) {
+  at::Tensor fold = at::empty({num_rows(x), r}, x.options().dtype(at::kFloat));
+  MISS_ROUTE(x, shard_fold, x, dropout, fold);
+  return fold;
+}
+
+// y[n, o] += (fold @ block)[n, o % m], in place on a contiguous [N, out] y.
+void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor& block32) {
+  const int64_t rows = y2d.size(0), out = y2d.size(1), m = block32.size(1);
+  if (rows == 0) return;
+  if (m == out && y2d.scalar_type() == at::kFloat) {
+    y2d.addmm_(fold, block32);  // one GEMM accumulating into y, no temporary
+    return;
+  }
+  const int64_t step = chunk_rows(m);
+  for (int64_t first = 0; first < rows; first += step) {
+    const int64_t count = std::min(step, rows - first);
+    at::Tensor y_chunk = y2d.narrow(0, first, count);
+    const at::Tensor v = at::mm(fold.narrow(0, first, count), block32);
+    MISS_ROUTE(y2d, add_out_tiled, y_chunk, v);
+  }
+}
+
+void check_fold_inputs(const char* op, const at::Tensor& x, double p, const OptTensor& seed) {
+  check_float_tensor(op, "x", x);
+  check_min_dim(op, "x", x, 1);
+  check_probability(op, p);
+  check_seed(op, p, seed, x);
+}
+
+}  // namespace
+
+at::Tensor shard_fold(const at::Tensor& x, int64_t r, double p, const OptTensor& seed) {
+  const char* op = "shard_fold";
+  check_fold_inputs(op, x, p, seed);
+  check_rank_in_range(op, "r", r, x.size(-1), "in_features");
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
+  return fold_of(x, r, make_dropout_params(p, seed, x));
+}
+
+at::Tensor shard_tile_add(const at::Tensor& grad_x, const at::Tensor& g, double p,
+                          const OptTensor& seed) {
+  const char* op = "shard_tile_add";
+  check_fold_inputs(op, grad_x, p, seed);
+  check_float_tensor(op, "g", g);
+  check_same_device(op, "g", g, "grad_x", grad_x);
+  check_dim(op, "g", g, 2);
+  check_size(op, "g", g, 0, num_rows(grad_x), "rows of grad_x");
+  check_rank_in_range(op, "g.size(1) (r)", g.size(1), grad_x.size(-1), "in_features");
+  const c10::OptionalDeviceGuard guard(at::device_of(grad_x));
+  at::Tensor result = grad_x.clone(at::MemoryFormat::Contiguous);
+  at::Tensor rows = result.view({num_rows(grad_x), grad_x.size(-1)});
+  MISS_ROUTE(grad_x, shard_tile, rows, contiguous_float(g), make_dropout_params(p, seed, grad_x), true);
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> shard_linear(const at::Tensor& x, const at::Tensor& weight,
+                                                const OptTensor& bias, const at::Tensor& block,
+                                                double p, const OptTensor& seed) {
+  const char* op = "shard_linear";
+  check_fold_inputs(op, x, p, seed);
+  check_float_tensor(op, "weight", weight);
+  check_dim(op, "weight", weight, 2);
+  check_same_device(op, "weight", weight, "x", x);
+  check_same_dtype(op, "weight", weight, "x", x);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  check_size(op, "x", x, x.dim() - 1, in, "in_features of weight");
+  if (bias.has_value() && bias->defined()) {
+    check_dim(op, "bias", *bias, 1);
+    check_size(op, "bias", *bias, 0, out, "out_features");
+    check_same_device(op, "bias", *bias, "x", x);
+    check_same_dtype(op, "bias", *bias, "weight", weight);
+  }
+  check_shard_block(op, block, in, out);
+  check_same_device(op, "block", block, "x", x);
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
+
+  const at::Tensor fold = fold_of(x, block.size(0), make_dropout_params(p, seed, x));
+  // This op owns y, so the delta is accumulated into it in place: no second [N, out] pass.
+  at::Tensor y = at::linear(x, weight, bias).contiguous();
+  at::Tensor y2d = y.view({num_rows(x), out});
+  add_shard_delta_(y2d, fold, contiguous_float(block));
+  return {y, fold};
+}
+
+std::tuple<at::Tensor, at::Tensor> shard_delta_add(const at::Tensor& y, const at::Tensor& x,
+                                                   const at::Tensor& block, double p,
+                                                   const OptTensor& seed) {
+  const char* op = "shard_delta_add";
+  check_fold_inputs(op, x, p, seed);
+  check_float_tensor(op, "y", y);
+  check_same_device(op, "y", y, "x", x);
+  TORCH_CHECK(y.dim() == x.dim() && y.sizes().slice(0, y.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              "miss.", op, ": argument 'y' must have the leading dims of 'x' ", x.sizes(), ", got ",
+              y.sizes());
+  check_shard_block(op, block, x.size(-1), y.size(-1));
+  check_same_device(op, "block", block, "x", x);
+  const c10::OptionalDeviceGuard guard(at::device_of(x));
+
+  const at::Tensor fold = fold_of(x, block.size(0), make_dropout_params(p, seed, x));
+  at::Tensor result = y.clone(at::MemoryFormat::Contiguous);
+  at::Tensor result2d = result.view({num_rows(y), y.size(-1)});
+  add_shard_delta_(result2d, fold, contiguous_float(block));
+  return {result, fold};
+}
+
+std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& fold, const OptTensor& weight,
+    const at::Tensor& block, int64_t in_features, double p, const OptTensor& seed,
+    const OptTensor& grad_fold, std::array<bool, 2> output_mask) {
+  const char* op = "shard_linear_backward";
+  check_fold_inputs(op, grad_out, p, seed);
+  const int64_t rows = num_rows(grad_out), out = grad_out.size(-1);
+  check_shard_block(op, block, in_features, out);
+  check_same_device(op, "block", block, "grad_out", grad_out);
+  const int64_t r = block.size(0), m = block.size(1);
+  check_float_tensor(op, "fold", fold);
+  check_same_device(op, "fold", fold, "grad_out", grad_out);
+  check_dim(op, "fold", fold, 2);
+  check_size(op, "fold", fold, 0, rows, "rows of grad_out");
+  check_size(op, "fold", fold, 1, r, "r of block");
+  const bool has_weight = weight.has_value() && weight->defined();
+  if (has_weight) {
+    check_dim(op, "weight", *weight, 2);
+    check_size(op, "weight", *weight, 0, out, "out_features");
+    check_size(op, "weight", *weight, 1, in_features, "in_features");
+    check_same_device(op, "weight", *weight, "grad_out", grad_out);
+    check_same_dtype(op, "weight", *weight, "grad_out", grad_out);
+  }
+  const bool has_grad_fold = grad_fold.has_value() && grad_fold->defined();
+  if (has_grad_fold) {
+    check_same_device(op, "grad_fold", *grad_fold, "grad_out", grad_out);
+    TORCH_CHECK(grad_fold->sizes() == fold.sizes(), "miss.", op,
+                ": argument 'grad_fold' must have the shape of 'fold' ", fold.sizes(), ", got ",
+                grad_fold->sizes());
+  }
+  const c10::OptionalDeviceGuard guard(at::device_of(grad_out));
+  const bool need_x = output_mask[0], need_block = output_mask[1];
+  const at::Tensor block32 = contiguous_float(block);
+  const at::Tensor fold32 = fold.to(at::kFloat);
+  const at::Tensor dy = grad_out.reshape({rows, out});
+
+  // g = h @ B^T (for the tile into grad_x) and dB = fold^T @ h, with h = dy folded along out
+  // to [N, m] (mini) or dy itself (standard), always in float32.
+  at::Tensor g = need_x ? at::empty({rows, r}, fold32.options()) : at::Tensor();
+  at::Tensor grad_block32 = need_block ? at::zeros({r, m}, fold32.options()) : at::Tensor();
+  if (m < out || dy.scalar_type() == at::kFloat) {
+    at::Tensor h = dy;
+    if (m < out) {
+      h = at::empty({rows, m}, fold32.options());
+      MISS_ROUTE(dy, shard_fold, dy, DropoutParams{}, h);
+    }
+    if (need_x) at::mm_out(g, h, block32.t());
+    if (need_block) grad_block32.addmm_(fold32.t(), h);
+  } else {
+    const int64_t step = chunk_rows(out);
+    for (int64_t first = 0; first < rows; first += step) {
+      const int64_t count = std::min(step, rows - first);
+      const at::Tensor h = dy.narrow(0, first, count).to(at::kFloat);
+      if (need_x) {
+        at::Tensor g_chunk = g.narrow(0, first, count);
+        at::mm_out(g_chunk, h, block32.t());
+      }
+      if (need_block) grad_block32.addmm_(fold32.narrow(0, first, count).t(), h);
+    }
+  }
+
+  at::Tensor grad_x = at::empty({0}, grad_out.options());
+  if (need_x) {
+    if (has_grad_fold) g.add_(grad_fold->to(at::kFloat));
+    const DropoutParams dropout = make_dropout_params(p, seed, grad_out);
+    at::Tensor dx2d = has_weight ? at::mm(dy, *weight) : at::empty({rows, in_features}, grad_out.options());
+    MISS_ROUTE(grad_out, shard_tile, dx2d, g, dropout, has_weight);
+    std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
+    shape.back() = in_features;
+    grad_x = dx2d.view(shape);
+  }
+  at::Tensor grad_block = need_block ? grad_block32.to(block.scalar_type()) : at::empty({0}, block.options());
+  return {grad_x, grad_block};
+}
+
+}  // namespace miss

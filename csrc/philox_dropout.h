@@ -1,0 +1,108 @@
+// Counter-based dropout mask shared by the CPU and CUDA kernels.
+//
+// The mask of element (row n, column i) is a pure function of (seed, n, i), so the backward
+// pass regenerates exactly the forward's mask instead of storing N x in bytes, and a CUDA
+// kernel produces the same bits as the CPU kernel for the same seed. Rows are logical rows
+// of x flattened over its leading dims, never memory offsets: a strided x gets the same mask
+// as its contiguous copy.
+//
+// One Philox4x32-10 call (Salmon et al., SC'11; the generator behind curand and torch's CUDA
+// RNG) yields 128 bits, cut into eight 16-bit uniforms: columns 8q..8q+7 of a row share the
+// call with counter (q, n_lo, n_hi, 0) and key (seed_lo, seed_hi). A 16-bit uniform resolves
+// p to 1/65536; a column is kept when its uniform is >= round(p * 65536), and kept values are
+// scaled by 1 / (1 - p) as torch.nn.Dropout does.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MISS_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MISS_HOST_DEVICE inline
+#endif
+
+namespace miss {
+
+struct Philox4x32Out {
+  uint32_t v[4];
+};
+
+MISS_HOST_DEVICE void mul_hi_lo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(product >> 32);
+  *lo = static_cast<uint32_t>(product);
+}
+
+MISS_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                             uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mul_hi_lo(kMul0, c0, &hi0, &lo0);
+    mul_hi_lo(kMul1, c2, &hi1, &lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Philox4x32Out{{c0, c1, c2, c3}};
+}
+
+// Everything a kernel needs to apply or regenerate one dropout mask. Built on the host by
+// make_dropout_params (csrc/ops/common.h); copied by value into CUDA kernels.
+struct DropoutParams {
+  bool enabled = false;        // p > 0 and a seed was given
+  uint32_t threshold = 0;      // keep iff uniform16 >= threshold
+  float scale = 1.0f;          // 1 / (1 - p); 0 when p == 1
+  const int64_t* seed_ptr = nullptr;  // seed in memory the kernel can read (device or host)
+  int64_t seed_value = 0;      // used when seed_ptr is null (a CPU seed for a CUDA kernel)
+
+  MISS_HOST_DEVICE int64_t seed() const { return seed_ptr != nullptr ? *seed_ptr : seed_value; }
+};
+
+constexpr int64_t kMaskColumnsPerCall = 8;
+
+MISS_HOST_DEVICE uint32_t dropout_threshold(double p) {
+  if (p <= 0.0) return 0u;
+  if (p >= 1.0) return 65536u;  // no 16-bit uniform reaches it: every column dropped
+  return static_cast<uint32_t>(p * 65536.0 + 0.5);
+}
+
+// The eight keep bits of columns 8q..8q+7 of row n, bit k for column 8q+k.
+MISS_HOST_DEVICE uint32_t dropout_keep_bits(int64_t seed, uint32_t threshold, int64_t row,
+                                            int64_t column_group) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint64_t n = static_cast<uint64_t>(row);
+  const Philox4x32Out out = philox4x32_10(
+      static_cast<uint32_t>(column_group), static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32),
+      0u, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+  uint32_t bits = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int w = 0; w < 4; ++w) {
+    const uint32_t lo = out.v[w] & 0xFFFFu;
+    const uint32_t hi = out.v[w] >> 16;
+    bits |= static_cast<uint32_t>(lo >= threshold) << (2 * w);
+    bits |= static_cast<uint32_t>(hi >= threshold) << (2 * w + 1);
+  }
+  return bits;
+}
+
+// Multiplier of element (row, column): scale if kept, 0 if dropped, 1 without dropout.
+MISS_HOST_DEVICE float dropout_multiplier(const DropoutParams& d, int64_t row, int64_t column) {
+  if (!d.enabled) return 1.0f;
+  const uint32_t bits =
+      dropout_keep_bits(d.seed(), d.threshold, row, column / kMaskColumnsPerCall);
+  return ((bits >> (column % kMaskColumnsPerCall)) & 1u) ? d.scale : 0.0f;
+}
+
+}  // namespace miss

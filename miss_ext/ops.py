@@ -1,0 +1,361 @@
+"""Typed wrappers over torch.ops.miss.*, with their fake kernels and autograd.
+
+The schemas live in csrc/registration.cpp. Every forward op here has an autograd formula
+whose backward calls custom ops (plus plain ATen reductions), so torch.compile can trace
+training through them. Dropout is driven by a one-element int64 ``seed`` tensor drawn with
+:func:`dropout_seed` from torch's generator for the data's device: the ops stay pure, and
+backward regenerates the forward's mask from the same seed instead of storing it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.miss)
+
+__all__ = [
+    "dropout_seed",
+    "shard_fold",
+    "shard_tile_add",
+    "shard_linear",
+    "shard_delta_add",
+    "bat_weight",
+    "bat_block_grad",
+    "bat_weight_grad",
+    "bat_linear",
+    "merge_",
+    "unmerge_",
+]
+
+
+def dropout_seed(device: torch.device | str) -> Tensor:
+    """A one-element int64 seed tensor drawn from torch's default generator for ``device``.
+
+    So ``torch.manual_seed`` makes dropout reproducible; on CUDA the seed stays on the device
+    (no host sync) and the kernels read it there.
+    """
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def _rows(t: Tensor):
+    return math.prod(t.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Python entry points. Each returns what a user wants; extra outputs (the fold kept for
+# backward) stay internal.
+
+
+def shard_fold(x: Tensor, r: int, p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """``fold[n, c] = sum over i % r == c of drop(x)[n, i]``: ``[..., in] -> [N, r]`` float32."""
+    return torch.ops.miss.shard_fold(x, r, p, seed)
+
+
+def shard_tile_add(grad_x: Tensor, g: Tensor, p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+    """``grad_x + drop(n, i) * g[n, i % r]``: the adjoint of :func:`shard_fold`, added to grad_x."""
+    return torch.ops.miss.shard_tile_add(grad_x, g, p, seed)
+
+
+def shard_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    block: Tensor,
+    p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """The layer adapted by a standard (block ``[r, out]``) or mini (``[r, mini_r]``) adapter."""
+    return torch.ops.miss.shard_linear(x, weight, bias, block, p, seed)[0]
+
+
+def shard_delta_add(
+    y: Tensor, x: Tensor, block: Tensor, p: float = 0.0, seed: Optional[Tensor] = None
+) -> Tensor:
+    """``y`` plus the contribution of one more standard/mini adapter on input ``x``."""
+    return torch.ops.miss.shard_delta_add(y, x, block, p, seed)[0]
+
+
+def bat_weight(weight: Tensor, block: Tensor) -> Tensor:
+    """``W'_kj = W_kj + W_kj @ B_k + B_k`` for every r x r tile (block ``[out/r, r, r]``)."""
+    return torch.ops.miss.bat_weight(weight, block)
+
+
+def bat_block_grad(grad_weight: Tensor, weight: Tensor, r: int) -> Tensor:
+    """``dB_k = sum_j W_kj^T G_kj + G_kj`` (float32), G the gradient with respect to W'."""
+    return torch.ops.miss.bat_block_grad(grad_weight, weight, r)
+
+
+def bat_weight_grad(grad_weight: Tensor, block: Tensor) -> Tensor:
+    """``dW_kj = G_kj (I + B_k)^T``, G the gradient with respect to W'."""
+    return torch.ops.miss.bat_weight_grad(grad_weight, block)
+
+
+def bat_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], block: Tensor) -> Tensor:
+    """The layer adapted by a BAT adapter; W' is rebuilt in backward, never kept."""
+    return torch.ops.miss.bat_linear(x, weight, bias, block)
+
+
+def merge_(weight: Tensor, block: Tensor, check_finite: bool = False) -> None:
+    """Adds the adapter's delta to ``weight`` in place (variant read from the block's rank)."""
+    torch.ops.miss.merge_(weight, block, check_finite)
+
+
+def unmerge_(weight: Tensor, block: Tensor) -> None:
+    """Undoes :func:`merge_` in place; a bat unmerge refuses an ill-conditioned ``I + B_k``."""
+    torch.ops.miss.unmerge_(weight, block)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, for torch.compile, meta tensors and opcheck.
+
+
+@torch.library.register_fake("miss::shard_fold")
+def _(x, r, p=0.0, seed=None):
+    return x.new_empty((_rows(x), r), dtype=torch.float32)
+
+
+@torch.library.register_fake("miss::shard_tile_add")
+def _(grad_x, g, p=0.0, seed=None):
+    return torch.empty_like(grad_x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("miss::shard_linear")
+def _(x, weight, bias, block, p=0.0, seed=None):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, x.new_empty((_rows(x), block.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("miss::shard_delta_add")
+def _(y, x, block, p=0.0, seed=None):
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    return out, x.new_empty((_rows(x), block.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake("miss::shard_linear_backward")
+def _(grad_out, fold, weight, block, in_features, p, seed, grad_fold, output_mask):
+    need_x, need_block = output_mask
+    grad_x = grad_out.new_empty((*grad_out.shape[:-1], in_features) if need_x else (0,))
+    grad_block = block.new_empty(block.shape if need_block else (0,))
+    return grad_x, grad_block
+
+
+@torch.library.register_fake("miss::bat_weight")
+def _(weight, block):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("miss::bat_block_grad")
+def _(grad_weight, weight, r):
+    return weight.new_empty((weight.shape[0] // r, r, r), dtype=torch.float32)
+
+
+@torch.library.register_fake("miss::bat_weight_grad")
+def _(grad_weight, block):
+    return torch.empty_like(grad_weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("miss::bat_linear")
+def _(x, weight, bias, block):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("miss::bat_linear_backward")
+def _(grad_out, x, weight, block, output_mask):
+    need_x, need_weight, need_block = output_mask
+    return (
+        x.new_empty(x.shape if need_x else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+        block.new_empty(block.shape if need_block else (0,)),
+    )
+
+
+@torch.library.register_fake("miss::merge_")
+def _(weight, block, check_finite=False):
+    return None
+
+
+@torch.library.register_fake("miss::unmerge_")
+def _(weight, block):
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd. Only O(1) and [N, r] tensors are saved for standard/mini (the fold and the
+# seed); BAT saves x and the weight it already references, never W'.
+
+
+def _linear_base_grads(ctx, grad_out: Tensor, x: Optional[Tensor]):
+    """Gradients of the frozen part (weight, bias) when a user trains them."""
+    grad_weight = grad_bias = None
+    out_features = grad_out.shape[-1]
+    if ctx.needs_input_grad[1]:
+        grad_weight = grad_out.reshape(-1, out_features).t().mm(x.reshape(-1, x.shape[-1]))
+    if ctx.needs_input_grad[2]:
+        grad_bias = grad_out.reshape(-1, out_features).sum(0)
+    return grad_weight, grad_bias
+
+
+def _shard_linear_setup(ctx, inputs, output):
+    x, weight, bias, block, p, seed = inputs
+    _, fold = output
+    ctx.p = p
+    ctx.in_features = x.shape[-1]
+    ctx.save_for_backward(fold, weight, block, seed, x if weight.requires_grad else None)
+
+
+def _shard_linear_backward(ctx, grad_out, grad_fold):
+    fold, weight, block, seed, x = ctx.saved_tensors
+    need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_x = grad_block = None
+    if need_x or need_block:
+        grad_x, grad_block = torch.ops.miss.shard_linear_backward(
+            grad_out, fold, weight, block, ctx.in_features, ctx.p, seed, grad_fold, [need_x, need_block]
+        )
+    grad_weight, grad_bias = _linear_base_grads(ctx, grad_out, x)
+    return (
+        grad_x if need_x else None,
+        grad_weight,
+        grad_bias,
+        grad_block if need_block else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "miss::shard_linear", _shard_linear_backward, setup_context=_shard_linear_setup
+)
+
+
+def _shard_delta_add_setup(ctx, inputs, output):
+    y, x, block, p, seed = inputs
+    _, fold = output
+    ctx.p = p
+    ctx.in_features = x.shape[-1]
+    ctx.save_for_backward(fold, block, seed)
+
+
+def _shard_delta_add_backward(ctx, grad_out, grad_fold):
+    fold, block, seed = ctx.saved_tensors
+    need_x, need_block = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_x = grad_block = None
+    if need_x or need_block:
+        grad_x, grad_block = torch.ops.miss.shard_linear_backward(
+            grad_out, fold, None, block, ctx.in_features, ctx.p, seed, grad_fold, [need_x, need_block]
+        )
+    return (
+        grad_out if ctx.needs_input_grad[0] else None,
+        grad_x if need_x else None,
+        grad_block if need_block else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "miss::shard_delta_add", _shard_delta_add_backward, setup_context=_shard_delta_add_setup
+)
+
+
+def _shard_fold_setup(ctx, inputs, output):
+    x, r, p, seed = inputs
+    ctx.p = p
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(seed)
+
+
+def _shard_fold_backward(ctx, grad_fold):
+    (seed,) = ctx.saved_tensors
+    zeros = grad_fold.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
+    return torch.ops.miss.shard_tile_add(zeros, grad_fold, ctx.p, seed), None, None, None
+
+
+torch.library.register_autograd("miss::shard_fold", _shard_fold_backward, setup_context=_shard_fold_setup)
+
+
+def _shard_tile_add_setup(ctx, inputs, output):
+    grad_x, g, p, seed = inputs
+    ctx.p = p
+    ctx.r = g.shape[1]
+    ctx.g_dtype = g.dtype
+    ctx.save_for_backward(seed)
+
+
+def _shard_tile_add_backward(ctx, grad_out):
+    (seed,) = ctx.saved_tensors
+    grad_g = None
+    if ctx.needs_input_grad[1]:
+        # The adjoint of "tile g across the shards" is the fold, with the same mask.
+        grad_g = torch.ops.miss.shard_fold(grad_out, ctx.r, ctx.p, seed).to(ctx.g_dtype)
+    return grad_out if ctx.needs_input_grad[0] else None, grad_g, None, None
+
+
+torch.library.register_autograd(
+    "miss::shard_tile_add", _shard_tile_add_backward, setup_context=_shard_tile_add_setup
+)
+
+
+def _bat_weight_setup(ctx, inputs, output):
+    weight, block = inputs
+    ctx.save_for_backward(weight, block)
+
+
+def _bat_weight_backward(ctx, grad_out):
+    weight, block = ctx.saved_tensors
+    grad_weight = grad_block = None
+    if ctx.needs_input_grad[0]:
+        grad_weight = torch.ops.miss.bat_weight_grad(grad_out, block)
+    if ctx.needs_input_grad[1]:
+        grad_block = torch.ops.miss.bat_block_grad(grad_out, weight, block.shape[-1]).to(block.dtype)
+    return grad_weight, grad_block
+
+
+torch.library.register_autograd("miss::bat_weight", _bat_weight_backward, setup_context=_bat_weight_setup)
+
+
+def _bat_linear_setup(ctx, inputs, output):
+    x, weight, bias, block = inputs
+    ctx.save_for_backward(x, weight, block)
+
+
+def _bat_linear_backward(ctx, grad_out):
+    x, weight, block = ctx.saved_tensors
+    need_x, need_weight, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    grad_x = grad_weight = grad_block = None
+    if need_x or need_weight or need_block:
+        grad_x, grad_weight, grad_block = torch.ops.miss.bat_linear_backward(
+            grad_out, x, weight, block, [need_x, need_weight, need_block]
+        )
+    grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+    return (
+        grad_x if need_x else None,
+        grad_weight if need_weight else None,
+        grad_bias,
+        grad_block if need_block else None,
+    )
+
+
+torch.library.register_autograd("miss::bat_linear", _bat_linear_backward, setup_context=_bat_linear_setup)
+
+
+def op_names() -> Sequence[str]:
+    """Every op of the registry, for tests and docs."""
+    return (
+        "shard_fold",
+        "shard_tile_add",
+        "shard_linear",
+        "shard_delta_add",
+        "shard_linear_backward",
+        "bat_weight",
+        "bat_block_grad",
+        "bat_weight_grad",
+        "bat_linear",
+        "bat_linear_backward",
+        "merge_",
+        "unmerge_",
+    )
