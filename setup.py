@@ -44,7 +44,7 @@ def cuda_include_dirs() -> list:
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp at compile AND link time: without it at::parallel_for runs on one thread.
-    cxx = ["-O3", "-fopenmp", "-DMISS_PYTHON_MODULE", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp", "-DMISS_PYTHON_MODULE"]
     link = ["-fopenmp"]
     if not want_cuda():
         return CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx},
@@ -68,5 +68,5 @@ def extension():
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

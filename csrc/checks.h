@@ -11,13 +11,19 @@
 namespace miss {
 
 inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The dtype kernels accumulate in for data of dtype t: float64 for float64 (so gradcheck
+// runs in float64), float32 for everything else.
+inline at::ScalarType accumulate_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), "miss.", op, ": argument '", name, "' must be a tensor, got None");
   TORCH_CHECK(is_supported_float(t.scalar_type()), "miss.", op, ": argument '", name,
-              "' must have dtype float32, float16 or bfloat16, got ", t.scalar_type());
+              "' must have dtype float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {

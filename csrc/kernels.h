@@ -2,37 +2,38 @@
 // The ops (csrc/ops/) check arguments, allocate outputs and call ATen for the large GEMMs;
 // everything MiSS-specific and memory-bound runs in these kernels.
 //
-// Conventions for every kernel: outputs are allocated by the caller; `block32` is the block
-// converted to contiguous float32 (it is small); sizes come from the tensors; N == 0 and
-// empty tensors are allowed.
+// Conventions for every kernel: outputs are allocated by the caller; "acc" tensors (fold, g,
+// v, the converted block `block_acc`, G of bat_block_grad) have the accumulation dtype of
+// the data (float64 for float64 data, float32 otherwise: checks.h accumulate_dtype) and are
+// contiguous; sizes come from the tensors; N == 0 and empty tensors are allowed.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "philox_dropout.h"
 
-#define MISS_DECLARE_KERNELS                                                                    \
+#define MISS_DECLARE_KERNELS                                                                   \
   /* fold[n, c] = sum over i % r == c of drop(x)[n, i]; x [..., in] any strides; fold [N, r] */ \
-  void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& fold);         \
-  /* grad_x[n, i] (+)= drop(n, i) * g[n, i % r]; grad_x [N, in] contiguous; g [N, r] fp32 */     \
-  void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dropout,        \
-                  bool accumulate);                                                             \
-  /* y[n, o] += v[n, o % m]; y [N, out] contiguous; v [N, m] fp32 contiguous */                 \
-  void add_out_tiled(at::Tensor& y, const at::Tensor& v);                                       \
-  /* out_kj = W_kj + W_kj B_k + B_k; out may be weight itself (in-place merge) */               \
-  void bat_transform(const at::Tensor& weight, const at::Tensor& block32, at::Tensor& out);     \
-  /* grad_block32_k = sum_j W_kj^T G_kj + G_kj */                                               \
-  void bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight,                  \
-                      at::Tensor& grad_block32);                                                \
-  /* out_kj = G_kj (I + B_k)^T, the gradient of bat_transform with respect to W */              \
-  void bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block32,                \
-                       at::Tensor& out);                                                        \
-  /* W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64 */                     \
-  void bat_unmerge(at::Tensor& weight, const at::Tensor& block32, const at::Tensor& inverse);   \
-  /* W[o, i] += sign * B[i % r, o % m]; block32 [r, m] */                                       \
-  void shard_merge(at::Tensor& weight, const at::Tensor& block32, float sign);                  \
-  /* whether every W[o, i] + sign * B[i % r, o % m] is finite, without writing W */             \
-  bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block32, float sign);
+  void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& fold);        \
+  /* grad_x[n, i] (+)= drop(n, i) * g[n, i % r]; grad_x [N, in] contiguous; g [N, r] */         \
+  void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dropout,       \
+                  bool accumulate);                                                            \
+  /* y[n, o] += v[n, o % m]; y [N, out] contiguous; v [N, m] */                                 \
+  void add_out_tiled(at::Tensor& y, const at::Tensor& v);                                      \
+  /* out_kj = W_kj + W_kj B_k + B_k; out may be weight itself (in-place merge) */              \
+  void bat_transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Tensor& out);  \
+  /* grad_block_k = sum_j W_kj^T G_kj + G_kj; G and grad_block in the acc dtype of W */        \
+  void bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight,                 \
+                      at::Tensor& grad_block);                                                 \
+  /* out_kj = G_kj (I + B_k)^T, the gradient of bat_transform with respect to W */             \
+  void bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block_acc,             \
+                       at::Tensor& out);                                                       \
+  /* W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64 */                    \
+  void bat_unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tensor& inverse); \
+  /* W[o, i] += sign * B[i % r, o % m]; block_acc [r, m] */                                     \
+  void shard_merge(at::Tensor& weight, const at::Tensor& block_acc, float sign);               \
+  /* whether every W[o, i] + sign * B[i % r, o % m] is finite, without writing W */            \
+  bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign);
 
 namespace miss {
 namespace cpu {

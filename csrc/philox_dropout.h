@@ -61,7 +61,7 @@ MISS_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t 
 struct DropoutParams {
   bool enabled = false;        // p > 0 and a seed was given
   uint32_t threshold = 0;      // keep iff uniform16 >= threshold
-  float scale = 1.0f;          // 1 / (1 - p); 0 when p == 1
+  double scale = 1.0;          // 1 / (1 - p); 0 when p == 1 (kernels cast it to their type)
   const int64_t* seed_ptr = nullptr;  // seed in memory the kernel can read (device or host)
   int64_t seed_value = 0;      // used when seed_ptr is null (a CPU seed for a CUDA kernel)
 
@@ -98,11 +98,12 @@ MISS_HOST_DEVICE uint32_t dropout_keep_bits(int64_t seed, uint32_t threshold, in
 }
 
 // Multiplier of element (row, column): scale if kept, 0 if dropped, 1 without dropout.
-MISS_HOST_DEVICE float dropout_multiplier(const DropoutParams& d, int64_t row, int64_t column) {
-  if (!d.enabled) return 1.0f;
-  const uint32_t bits =
-      dropout_keep_bits(d.seed(), d.threshold, row, column / kMaskColumnsPerCall);
-  return ((bits >> (column % kMaskColumnsPerCall)) & 1u) ? d.scale : 0.0f;
+template <typename acc_t>
+MISS_HOST_DEVICE acc_t dropout_multiplier(const DropoutParams& d, int64_t seed, int64_t row,
+                                          int64_t column) {
+  if (!d.enabled) return acc_t(1);
+  const uint32_t bits = dropout_keep_bits(seed, d.threshold, row, column / kMaskColumnsPerCall);
+  return ((bits >> (column % kMaskColumnsPerCall)) & 1u) ? static_cast<acc_t>(d.scale) : acc_t(0);
 }
 
 }  // namespace miss

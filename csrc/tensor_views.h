@@ -61,7 +61,7 @@ inline DropoutParams make_dropout_params(double p, const std::optional<at::Tenso
   if (p == 0.0) return d;
   d.enabled = true;
   d.threshold = dropout_threshold(p);
-  d.scale = p >= 1.0 ? 0.0f : static_cast<float>(1.0 / (1.0 - p));
+  d.scale = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
   if (seed->device() == data.device()) {
     d.seed_ptr = seed->data_ptr<int64_t>();
   } else {

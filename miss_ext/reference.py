@@ -77,8 +77,8 @@ def _dropped(x: Tensor, p: float, seed: Optional[Tensor]) -> Tensor:
 def shard_fold(x: Tensor, r: int, p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
     """``[..., in] -> [N, r]``: zero-pad in to a multiple of r and sum the shards."""
     rows = _rows_view(_dropped(x, p, seed))
-    pad = (-rows.shape[1]) % r
-    return F.pad(rows, (0, pad)).reshape(rows.shape[0], -1, r).sum(dim=1)
+    shards = -(-rows.shape[1] // r)
+    return F.pad(rows, (0, shards * r - rows.shape[1])).reshape(rows.shape[0], shards, r).sum(dim=1)
 
 
 def shard_tile(g: Tensor, in_features: int, p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:

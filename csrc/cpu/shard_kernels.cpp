@@ -1,7 +1,8 @@
 // CPU kernels of the standard and mini variants: fold, its adjoint (tile), the out-tiled add,
 // and the in-place merge. Rows are split across threads with at::parallel_for; fp16/bf16 are
-// widened to float on load and rounded once on store.
+// widened to float on load and rounded once on store (acc_t: float, or double for double).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,72 +22,74 @@ namespace {
 int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, columns)); }
 
 // The dropout multiplier of every column of row n (scale or 0), one Philox call per 8 columns.
+template <typename acc_t>
 void fill_dropout_row(const DropoutParams& dropout, int64_t seed, int64_t row, int64_t width,
-                      float* multipliers) {
+                      acc_t* multipliers) {
+  const acc_t scale = static_cast<acc_t>(dropout.scale);
   const int64_t groups = ceil_div(width, kMaskColumnsPerCall);
   for (int64_t q = 0; q < groups; ++q) {
     const uint32_t bits = dropout_keep_bits(seed, dropout.threshold, row, q);
     const int64_t first = q * kMaskColumnsPerCall;
     const int64_t count = std::min<int64_t>(kMaskColumnsPerCall, width - first);
     for (int64_t k = 0; k < count; ++k) {
-      multipliers[first + k] = ((bits >> k) & 1u) ? dropout.scale : 0.0f;
+      multipliers[first + k] = ((bits >> k) & 1u) ? scale : acc_t(0);
     }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void fold_rows(const scalar_t* x, const RowIndexer& rows, int64_t in, int64_t r,
-               const DropoutParams& dropout, float* fold, int64_t begin, int64_t end) {
+               const DropoutParams& dropout, acc_t* fold, int64_t begin, int64_t end) {
   const int64_t cs = rows.column_stride;
   const int64_t seed = dropout.enabled ? dropout.seed() : 0;
-  std::vector<float> multipliers(dropout.enabled ? in : 0);
+  std::vector<acc_t> multipliers(dropout.enabled ? in : 0);
   for (int64_t n = begin; n < end; ++n) {
     const scalar_t* row = x + rows.row_offset(n);
-    float* out = fold + n * r;
-    std::fill(out, out + r, 0.0f);
+    acc_t* out = fold + n * r;
+    std::fill(out, out + r, acc_t(0));
     if (dropout.enabled) fill_dropout_row(dropout, seed, n, in, multipliers.data());
     for (int64_t s = 0; s * r < in; ++s) {
       const int64_t width = shard_width(in, r, s);
       const int64_t first = s * r;
       if (dropout.enabled) {
-        const float* m = multipliers.data() + first;
-        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<float>(row[(first + c) * cs]) * m[c];
+        const acc_t* m = multipliers.data() + first;
+        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<acc_t>(row[(first + c) * cs]) * m[c];
       } else if (cs == 1) {
         const scalar_t* shard = row + first;
-        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<float>(shard[c]);
+        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<acc_t>(shard[c]);
       } else {
-        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<float>(row[(first + c) * cs]);
+        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<acc_t>(row[(first + c) * cs]);
       }
     }
   }
 }
 
-template <typename scalar_t>
-void tile_rows(scalar_t* grad_x, int64_t in, const float* g, int64_t r,
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void tile_rows(scalar_t* grad_x, int64_t in, const acc_t* g, int64_t r,
                const DropoutParams& dropout, bool accumulate, int64_t begin, int64_t end) {
   const int64_t seed = dropout.enabled ? dropout.seed() : 0;
-  std::vector<float> multipliers(dropout.enabled ? in : 0);
+  std::vector<acc_t> multipliers(dropout.enabled ? in : 0);
   for (int64_t n = begin; n < end; ++n) {
     scalar_t* row = grad_x + n * in;
-    const float* gn = g + n * r;
+    const acc_t* gn = g + n * r;
     if (dropout.enabled) fill_dropout_row(dropout, seed, n, in, multipliers.data());
     for (int64_t s = 0; s * r < in; ++s) {
       const int64_t width = shard_width(in, r, s);
       scalar_t* shard = row + s * r;
-      const float* m = dropout.enabled ? multipliers.data() + s * r : nullptr;
+      const acc_t* m = dropout.enabled ? multipliers.data() + s * r : nullptr;
       for (int64_t c = 0; c < width; ++c) {
-        const float value = m != nullptr ? m[c] * gn[c] : gn[c];
-        shard[c] = static_cast<scalar_t>(accumulate ? static_cast<float>(shard[c]) + value : value);
+        const acc_t value = m != nullptr ? m[c] * gn[c] : gn[c];
+        shard[c] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(shard[c]) + value : value);
       }
     }
   }
 }
 
 // W[o, i] + sign * B[i % r, o % m], rounded to W's dtype, for every column of row o.
-template <typename scalar_t, typename Visit>
-void for_each_merged_row(const scalar_t* weight, int64_t in, const float* block,
+template <typename scalar_t, typename Visit, typename acc_t = at::opmath_type<scalar_t>>
+void for_each_merged_row(const scalar_t* weight, int64_t in, const acc_t* block,
                          int64_t r, int64_t m, float sign, int64_t begin, int64_t end, Visit visit) {
-  std::vector<float> column(r);
+  std::vector<acc_t> column(r);
   std::vector<scalar_t> merged(in);
   for (int64_t o = begin; o < end; ++o) {
     for (int64_t c = 0; c < r; ++c) column[c] = sign * block[c * m + o % m];
@@ -94,7 +97,7 @@ void for_each_merged_row(const scalar_t* weight, int64_t in, const float* block,
     for (int64_t s = 0; s * r < in; ++s) {
       const int64_t width = shard_width(in, r, s);
       for (int64_t c = 0; c < width; ++c) {
-        merged[s * r + c] = static_cast<scalar_t>(static_cast<float>(row[s * r + c]) + column[c]);
+        merged[s * r + c] = static_cast<scalar_t>(static_cast<acc_t>(row[s * r + c]) + column[c]);
       }
     }
     visit(o, merged.data());
@@ -107,9 +110,9 @@ void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& f
   const int64_t rows = fold.size(0), r = fold.size(1), in = x.size(-1);
   if (rows == 0) return;
   const RowIndexer indexer = make_row_indexer(x);
-  float* out = fold.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_shard_fold", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
+    auto* out = fold.data_ptr<at::opmath_type<scalar_t>>();
     at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
       fold_rows(data, indexer, in, r, dropout, out, begin, end);
     });
@@ -120,9 +123,9 @@ void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dr
                 bool accumulate) {
   const int64_t rows = grad_x.size(0), in = grad_x.size(1), r = g.size(1);
   if (rows == 0) return;
-  const float* gp = g.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "miss_shard_tile", [&] {
     scalar_t* data = grad_x.data_ptr<scalar_t>();
+    const auto* gp = g.const_data_ptr<at::opmath_type<scalar_t>>();
     at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
       tile_rows(data, in, gp, r, dropout, accumulate, begin, end);
     });
@@ -132,16 +135,17 @@ void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dr
 void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   const int64_t rows = y.size(0), out = y.size(1), m = v.size(1);
   if (rows == 0) return;
-  const float* vp = v.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "miss_add_out_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     scalar_t* yp = y.data_ptr<scalar_t>();
+    const acc_t* vp = v.const_data_ptr<acc_t>();
     at::parallel_for(0, rows, row_grain(out), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* row = yp + n * out;
-        const float* vn = vp + n * m;
+        const acc_t* vn = vp + n * m;
         for (int64_t first = 0; first < out; first += m) {
           for (int64_t c = 0; c < m; ++c) {
-            row[first + c] = static_cast<scalar_t>(static_cast<float>(row[first + c]) + vn[c]);
+            row[first + c] = static_cast<scalar_t>(static_cast<acc_t>(row[first + c]) + vn[c]);
           }
         }
       }
@@ -149,13 +153,13 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   });
 }
 
-void shard_merge(at::Tensor& weight, const at::Tensor& block32, float sign) {
+void shard_merge(at::Tensor& weight, const at::Tensor& block_acc, float sign) {
   const int64_t out = weight.size(0), in = weight.size(1);
-  const int64_t r = block32.size(0), m = block32.size(1);
+  const int64_t r = block_acc.size(0), m = block_acc.size(1);
   if (weight.numel() == 0) return;
-  const float* bp = block32.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge", [&] {
     scalar_t* wp = weight.data_ptr<scalar_t>();
+    const auto* bp = block_acc.const_data_ptr<at::opmath_type<scalar_t>>();
     at::parallel_for(0, out, row_grain(in), [&](int64_t begin, int64_t end) {
       for_each_merged_row(wp, in, bp, r, m, sign, begin, end,
                           [&](int64_t o, const scalar_t* merged) {
@@ -165,19 +169,19 @@ void shard_merge(at::Tensor& weight, const at::Tensor& block32, float sign) {
   });
 }
 
-bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block32, float sign) {
+bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign) {
   const int64_t out = weight.size(0), in = weight.size(1);
-  const int64_t r = block32.size(0), m = block32.size(1);
+  const int64_t r = block_acc.size(0), m = block_acc.size(1);
   std::atomic<bool> finite{true};
   if (weight.numel() == 0) return true;
-  const float* bp = block32.const_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge_is_finite", [&] {
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    const auto* bp = block_acc.const_data_ptr<at::opmath_type<scalar_t>>();
     at::parallel_for(0, out, row_grain(in), [&](int64_t begin, int64_t end) {
       for_each_merged_row(wp, in, bp, r, m, sign, begin, end,
                           [&](int64_t, const scalar_t* merged) {
                             for (int64_t i = 0; i < in; ++i) {
-                              if (!std::isfinite(static_cast<float>(merged[i]))) finite = false;
+                              if (!std::isfinite(static_cast<double>(merged[i]))) finite = false;
                             }
                           });
     });

@@ -22,20 +22,22 @@ void check_bat_layer(const char* op, const at::Tensor& weight, const at::Tensor&
 at::Tensor transformed_weight(const at::Tensor& weight, const at::Tensor& block) {
   const at::Tensor w = weight.contiguous();
   at::Tensor result = at::empty_like(w);
-  MISS_ROUTE(w, bat_transform, w, block.to(at::kFloat).contiguous(), result);
+  MISS_ROUTE(w, bat_transform, w, block.to(accumulate_dtype(w.scalar_type())).contiguous(), result);
   return result;
 }
 
+// In the accumulation dtype of weight (float32, or float64 for float64).
 at::Tensor block_grad_of(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r) {
-  at::Tensor grad_block = at::empty({weight.size(0) / r, r, r}, weight.options().dtype(at::kFloat));
-  MISS_ROUTE(weight, bat_block_grad, grad_weight.contiguous(), weight.contiguous(), grad_block);
+  const at::ScalarType acc = accumulate_dtype(weight.scalar_type());
+  at::Tensor grad_block = at::empty({weight.size(0) / r, r, r}, weight.options().dtype(acc));
+  MISS_ROUTE(weight, bat_block_grad, grad_weight.to(acc).contiguous(), weight.contiguous(), grad_block);
   return grad_block;
 }
 
 at::Tensor weight_grad_of(const at::Tensor& grad_weight, const at::Tensor& block) {
   const at::Tensor g = grad_weight.contiguous();
   at::Tensor result = at::empty_like(g);
-  MISS_ROUTE(g, bat_weight_grad, g, block.to(at::kFloat).contiguous(), result);
+  MISS_ROUTE(g, bat_weight_grad, g, block.to(accumulate_dtype(g.scalar_type())).contiguous(), result);
   return result;
 }
 
@@ -121,9 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
   at::Tensor grad_weight = at::empty({0}, weight.options());
   at::Tensor grad_block = at::empty({0}, block.options());
   if (need_weight || need_block) {
-    // float32 G: dB sums r * in / r products of G with W, and G rounded to bf16 would
-    // carry a 2^-9 relative error into every one of them.
-    const at::Tensor g = at::mm(dy.t().to(at::kFloat), x.reshape({rows, in}).to(at::kFloat));
+    // G in float32 (float64 for float64): dB sums r * in / r products of G with W, and G
+    // rounded to bf16 would carry a 2^-9 relative error into every one of them.
+    const at::ScalarType acc = accumulate_dtype(x.scalar_type());
+    const at::Tensor g = at::mm(dy.t().to(acc), x.reshape({rows, in}).to(acc));
     if (need_block) grad_block = block_grad_of(g, weight, block.size(-1)).to(block.scalar_type());
     if (need_weight) grad_weight = weight_grad_of(g, block).to(weight.scalar_type());
   }

@@ -55,19 +55,19 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite) {
   const char* op = "merge_";
   check_weight_for_merge(op, weight, block);
   const c10::OptionalDeviceGuard guard(at::device_of(weight));
-  const at::Tensor block32 = block.to(at::kFloat).contiguous();
+  const at::Tensor block_acc = block.to(accumulate_dtype(weight.scalar_type())).contiguous();
   if (block.dim() == 2) {
-    TORCH_CHECK(!check_finite || MISS_ROUTE(weight, shard_merge_is_finite, weight, block32, 1.0f),
+    TORCH_CHECK(!check_finite || MISS_ROUTE(weight, shard_merge_is_finite, weight, block_acc, 1.0f),
                 "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
-    MISS_ROUTE(weight, shard_merge, weight, block32, 1.0f);
+    MISS_ROUTE(weight, shard_merge, weight, block_acc, 1.0f);
     return;
   }
   if (!check_finite) {
-    MISS_ROUTE(weight, bat_transform, weight, block32, weight);
+    MISS_ROUTE(weight, bat_transform, weight, block_acc, weight);
     return;
   }
   at::Tensor merged = at::empty_like(weight);
-  MISS_ROUTE(weight, bat_transform, weight, block32, merged);
+  MISS_ROUTE(weight, bat_transform, weight, block_acc, merged);
   TORCH_CHECK(at::isfinite(merged).all().item<bool>(),
               "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
   weight.copy_(merged);
@@ -76,13 +76,13 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite) {
 void unmerge_(at::Tensor& weight, const at::Tensor& block) {
   check_weight_for_merge("unmerge_", weight, block);
   const c10::OptionalDeviceGuard guard(at::device_of(weight));
-  const at::Tensor block32 = block.to(at::kFloat).contiguous();
+  const at::Tensor block_acc = block.to(accumulate_dtype(weight.scalar_type())).contiguous();
   if (block.dim() == 2) {
-    MISS_ROUTE(weight, shard_merge, weight, block32, -1.0f);
+    MISS_ROUTE(weight, shard_merge, weight, block_acc, -1.0f);
     return;
   }
   const at::Tensor inverse = checked_inverse_of_identity_plus(block);
-  MISS_ROUTE(weight, bat_unmerge, weight, block32, inverse);
+  MISS_ROUTE(weight, bat_unmerge, weight, block_acc, inverse);
 }
 
 }  // namespace miss

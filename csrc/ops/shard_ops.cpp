@@ -1,7 +1,8 @@
 // Standard and mini MiSS ops (the "activation path" of DESIGN.md): the base GEMMs run in
 // ATen, the fold / tile / out-tiled add run in our kernels, and the only tensor kept for
 // backward is the fold, [N, r] float32. A [r, m] block with m == out is standard; m < out is
-// mini, whose full [r, out] block (PEFT's B.repeat) is never built.
+// mini, whose full [r, out] block (PEFT's B.repeat) is never built. "float32" below means
+// the accumulation dtype (checks.h accumulate_dtype): float64 for float64 data.
 #include <c10/core/DeviceGuard.h>
 
 #include "../checks.h"
@@ -16,34 +17,39 @@ namespace {
 // float16/bfloat16 tensor: bounds the temporary to ~4 MiB whatever N is.
 int64_t chunk_rows(int64_t width) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, width)); }
 
-at::Tensor contiguous_float(const at::Tensor& block) { return block.to(at::kFloat).contiguous(); }
+// t converted to the accumulation dtype of `data` (t is small: a block or [N, r]).
+at::Tensor as_accumulate(const at::Tensor& t, const at::Tensor& data) {
+  return t.to(accumulate_dtype(data.scalar_type())).contiguous();
+}
 
 at::Tensor fold_of(const at::Tensor& x, int64_t r, const DropoutParams& dropout) {
-  at::Tensor fold = at::empty({num_rows(x), r}, x.options().dtype(at::kFloat));
+  at::Tensor fold = at::empty({num_rows(x), r}, x.options().dtype(accumulate_dtype(x.scalar_type())));
   MISS_ROUTE(x, shard_fold, x, dropout, fold);
   return fold;
 }
 
 // y[n, o] += (fold @ block)[n, o % m], in place on a contiguous [N, out] y.
-void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor& block32) {
-  const int64_t rows = y2d.size(0), out = y2d.size(1), m = block32.size(1);
+void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor& block_acc) {
+  const int64_t rows = y2d.size(0), out = y2d.size(1), m = block_acc.size(1);
   if (rows == 0) return;
-  if (m == out && y2d.scalar_type() == at::kFloat) {
-    y2d.addmm_(fold, block32);  // one GEMM accumulating into y, no temporary
+  if (m == out && y2d.scalar_type() == block_acc.scalar_type()) {
+    y2d.addmm_(fold, block_acc);  // one GEMM accumulating into y, no temporary
     return;
   }
   const int64_t step = chunk_rows(m);
   for (int64_t first = 0; first < rows; first += step) {
     const int64_t count = std::min(step, rows - first);
     at::Tensor y_chunk = y2d.narrow(0, first, count);
-    const at::Tensor v = at::mm(fold.narrow(0, first, count), block32);
+    const at::Tensor v = at::mm(fold.narrow(0, first, count), block_acc);
     MISS_ROUTE(y2d, add_out_tiled, y_chunk, v);
   }
 }
 
-void check_fold_inputs(const char* op, const at::Tensor& x, double p, const OptTensor& seed) {
-  check_float_tensor(op, "x", x);
-  check_min_dim(op, "x", x, 1);
+// The [..., in] data an op folds or tiles, named `name`, and its dropout arguments.
+void check_fold_inputs(const char* op, const char* name, const at::Tensor& x, double p,
+                       const OptTensor& seed) {
+  check_float_tensor(op, name, x);
+  check_min_dim(op, name, x, 1);
   check_probability(op, p);
   check_seed(op, p, seed, x);
 }
@@ -52,7 +58,7 @@ void check_fold_inputs(const char* op, const at::Tensor& x, double p, const OptT
 
 at::Tensor shard_fold(const at::Tensor& x, int64_t r, double p, const OptTensor& seed) {
   const char* op = "shard_fold";
-  check_fold_inputs(op, x, p, seed);
+  check_fold_inputs(op, "x", x, p, seed);
   check_rank_in_range(op, "r", r, x.size(-1), "in_features");
   const c10::OptionalDeviceGuard guard(at::device_of(x));
   return fold_of(x, r, make_dropout_params(p, seed, x));
@@ -61,7 +67,7 @@ at::Tensor shard_fold(const at::Tensor& x, int64_t r, double p, const OptTensor&
 at::Tensor shard_tile_add(const at::Tensor& grad_x, const at::Tensor& g, double p,
                           const OptTensor& seed) {
   const char* op = "shard_tile_add";
-  check_fold_inputs(op, grad_x, p, seed);
+  check_fold_inputs(op, "grad_x", grad_x, p, seed);
   check_float_tensor(op, "g", g);
   check_same_device(op, "g", g, "grad_x", grad_x);
   check_dim(op, "g", g, 2);
@@ -70,7 +76,7 @@ at::Tensor shard_tile_add(const at::Tensor& grad_x, const at::Tensor& g, double 
   const c10::OptionalDeviceGuard guard(at::device_of(grad_x));
   at::Tensor result = grad_x.clone(at::MemoryFormat::Contiguous);
   at::Tensor rows = result.view({num_rows(grad_x), grad_x.size(-1)});
-  MISS_ROUTE(grad_x, shard_tile, rows, contiguous_float(g), make_dropout_params(p, seed, grad_x), true);
+  MISS_ROUTE(grad_x, shard_tile, rows, as_accumulate(g, grad_x), make_dropout_params(p, seed, grad_x), true);
   return result;
 }
 
@@ -78,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear(const at::Tensor& x, const at::T
                                                 const OptTensor& bias, const at::Tensor& block,
                                                 double p, const OptTensor& seed) {
   const char* op = "shard_linear";
-  check_fold_inputs(op, x, p, seed);
+  check_fold_inputs(op, "x", x, p, seed);
   check_float_tensor(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
   check_same_device(op, "weight", weight, "x", x);
@@ -99,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear(const at::Tensor& x, const at::T
   // This op owns y, so the delta is accumulated into it in place: no second [N, out] pass.
   at::Tensor y = at::linear(x, weight, bias).contiguous();
   at::Tensor y2d = y.view({num_rows(x), out});
-  add_shard_delta_(y2d, fold, contiguous_float(block));
+  add_shard_delta_(y2d, fold, as_accumulate(block, x));
   return {y, fold};
 }
 
@@ -107,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> shard_delta_add(const at::Tensor& y, const at
                                                    const at::Tensor& block, double p,
                                                    const OptTensor& seed) {
   const char* op = "shard_delta_add";
-  check_fold_inputs(op, x, p, seed);
+  check_fold_inputs(op, "x", x, p, seed);
   check_float_tensor(op, "y", y);
   check_same_device(op, "y", y, "x", x);
   TORCH_CHECK(y.dim() == x.dim() && y.sizes().slice(0, y.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
@@ -120,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> shard_delta_add(const at::Tensor& y, const at
   const at::Tensor fold = fold_of(x, block.size(0), make_dropout_params(p, seed, x));
   at::Tensor result = y.clone(at::MemoryFormat::Contiguous);
   at::Tensor result2d = result.view({num_rows(y), y.size(-1)});
-  add_shard_delta_(result2d, fold, contiguous_float(block));
+  add_shard_delta_(result2d, fold, as_accumulate(block, y));
   return {result, fold};
 }
 
@@ -129,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
     const at::Tensor& block, int64_t in_features, double p, const OptTensor& seed,
     const OptTensor& grad_fold, std::array<bool, 2> output_mask) {
   const char* op = "shard_linear_backward";
-  check_fold_inputs(op, grad_out, p, seed);
+  check_fold_inputs(op, "grad_out", grad_out, p, seed);
   const int64_t rows = num_rows(grad_out), out = grad_out.size(-1);
   check_shard_block(op, block, in_features, out);
   check_same_device(op, "block", block, "grad_out", grad_out);
@@ -156,38 +162,39 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
   }
   const c10::OptionalDeviceGuard guard(at::device_of(grad_out));
   const bool need_x = output_mask[0], need_block = output_mask[1];
-  const at::Tensor block32 = contiguous_float(block);
-  const at::Tensor fold32 = fold.to(at::kFloat);
+  const at::ScalarType acc = accumulate_dtype(grad_out.scalar_type());
+  const at::Tensor block_acc = as_accumulate(block, grad_out);
+  const at::Tensor fold_acc = fold.to(acc);
   const at::Tensor dy = grad_out.reshape({rows, out});
 
   // g = h @ B^T (for the tile into grad_x) and dB = fold^T @ h, with h = dy folded along out
-  // to [N, m] (mini) or dy itself (standard), always in float32.
-  at::Tensor g = need_x ? at::empty({rows, r}, fold32.options()) : at::Tensor();
-  at::Tensor grad_block32 = need_block ? at::zeros({r, m}, fold32.options()) : at::Tensor();
-  if (m < out || dy.scalar_type() == at::kFloat) {
+  // to [N, m] (mini) or dy itself (standard), always in the accumulation dtype.
+  at::Tensor g = need_x ? at::empty({rows, r}, fold_acc.options()) : at::Tensor();
+  at::Tensor grad_block_acc = need_block ? at::zeros({r, m}, fold_acc.options()) : at::Tensor();
+  if (m < out || dy.scalar_type() == acc) {
     at::Tensor h = dy;
     if (m < out) {
-      h = at::empty({rows, m}, fold32.options());
+      h = at::empty({rows, m}, fold_acc.options());
       MISS_ROUTE(dy, shard_fold, dy, DropoutParams{}, h);
     }
-    if (need_x) at::mm_out(g, h, block32.t());
-    if (need_block) grad_block32.addmm_(fold32.t(), h);
+    if (need_x) at::mm_out(g, h, block_acc.t());
+    if (need_block) grad_block_acc.addmm_(fold_acc.t(), h);
   } else {
     const int64_t step = chunk_rows(out);
     for (int64_t first = 0; first < rows; first += step) {
       const int64_t count = std::min(step, rows - first);
-      const at::Tensor h = dy.narrow(0, first, count).to(at::kFloat);
+      const at::Tensor h = dy.narrow(0, first, count).to(acc);
       if (need_x) {
         at::Tensor g_chunk = g.narrow(0, first, count);
-        at::mm_out(g_chunk, h, block32.t());
+        at::mm_out(g_chunk, h, block_acc.t());
       }
-      if (need_block) grad_block32.addmm_(fold32.narrow(0, first, count).t(), h);
+      if (need_block) grad_block_acc.addmm_(fold_acc.narrow(0, first, count).t(), h);
     }
   }
 
   at::Tensor grad_x = at::empty({0}, grad_out.options());
   if (need_x) {
-    if (has_grad_fold) g.add_(grad_fold->to(at::kFloat));
+    if (has_grad_fold) g.add_(grad_fold->to(acc));
     const DropoutParams dropout = make_dropout_params(p, seed, grad_out);
     at::Tensor dx2d = has_weight ? at::mm(dy, *weight) : at::empty({rows, in_features}, grad_out.options());
     MISS_ROUTE(grad_out, shard_tile, dx2d, g, dropout, has_weight);
@@ -195,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
     shape.back() = in_features;
     grad_x = dx2d.view(shape);
   }
-  at::Tensor grad_block = need_block ? grad_block32.to(block.scalar_type()) : at::empty({0}, block.options());
+  at::Tensor grad_block = need_block ? grad_block_acc.to(block.scalar_type()) : at::empty({0}, block.options());
   return {grad_x, grad_block};
 }
 
