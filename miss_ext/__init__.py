@@ -6,6 +6,9 @@ Importing the package loads the compiled library, which registers ``torch.ops.mi
 import torch
 
 from . import ops
+from .config import MissConfig
+from .layer import MissLinear
+from .model import MissModel, get_miss_model
 from .ops import (
     bat_block_grad,
     bat_linear,
@@ -29,6 +32,10 @@ def has_cuda_kernels() -> bool:
 
 
 __all__ = [
+    "MissConfig",
+    "MissLinear",
+    "MissModel",
+    "get_miss_model",
     "ops",
     "has_cuda_kernels",
     "dropout_seed",

@@ -166,3 +166,8 @@ def unmerged(weight: Tensor, block: Tensor) -> Tensor:
         inverse = torch.linalg.inv(torch.eye(r, dtype=torch.float64) + b)
         return _untile((_tiles(w, r) - b[:, None]) @ inverse[:, None])
     return w - delta_weight(b, weight.shape[1], weight.shape[0])
+
+
+def shard_delta_add(y, x, block, p: float = 0.0, seed=None) -> Tensor:
+    return (y + shard_delta(x, block, y.shape[-1], p, seed)).to(y.dtype)
+
