@@ -15,6 +15,12 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MISS_VENV:-$repo/.venv}"
 python="${PYTHON:-python3}"
 
+# pip, without the "Location ... is ignored" lines this machine's pip configuration prints;
+# pip's own exit status is kept (pipefail), so a failed install or build stops the script.
+quiet_pip() {
+  pip --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtualenv $venv"
   "$python" -m venv "$venv"
@@ -23,8 +29,8 @@ fi
 source "$venv/bin/activate"
 
 echo "[setup] installing ${MISS_TORCH:-torch==2.14.1} and the test dependencies"
-pip install -q --disable-pip-version-check "${MISS_TORCH:-torch==2.14.1}" ninja packaging \
-  pytest numpy expecttest hypothesis peft safetensors transformers 2>&1 | grep -v "^WARNING: Location" || true
+quiet_pip install -q "${MISS_TORCH:-torch==2.14.1}" ninja packaging "setuptools>=64" wheel \
+  pytest numpy expecttest hypothesis peft safetensors transformers
 python -c "import torch" # fail here, clearly, if torch did not install
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
@@ -35,6 +41,5 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 
 echo "[setup] building miss_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, CUDA_HOME=${CUDA_HOME:-none})"
 start=$(date +%s)
-pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e "$repo" 2>&1 \
-  | grep -v "^WARNING: Location" || true
+quiet_pip install -q --no-build-isolation --no-deps -e "$repo"
 python -c "import miss_ext; print('[setup] miss_ext built in', $(( $(date +%s) - start )), 's; CUDA kernels:', miss_ext.has_cuda_kernels())"
