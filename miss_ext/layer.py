@@ -26,6 +26,12 @@ from .config import check_adapter_hyperparameters, variant_of
 BACKENDS = ("kernels", "reference")
 
 
+def check_adapter_name(adapter_name) -> None:
+    """A name that can key a ParameterDict: a non-empty str without '.'."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+
+
 def default_block_dtype(weight: Tensor) -> torch.dtype:
     """PEFT's default: float32 adapters on float16/bfloat16 models, else the weight's dtype."""
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -118,8 +124,7 @@ class MissLinear(nn.Module):
         block_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Adds an adapter (inactive until :meth:`set_adapter`); the layer is unchanged on error."""
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.miss_block:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         check_adapter_hyperparameters(r, mini_r, miss_dropout, init_weights)
@@ -130,7 +135,8 @@ class MissLinear(nn.Module):
         block = torch.zeros(shape, dtype=dtype, device=weight.device)
         if init_weights is False:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
-        self.miss_block[adapter_name] = nn.Parameter(block)
+        # A new adapter is trainable only once it is active (set_adapter), as in PEFT.
+        self.miss_block[adapter_name] = nn.Parameter(block, requires_grad=adapter_name in self._active_adapters)
         self.miss_r[adapter_name] = r
         self.miss_mini_r[adapter_name] = mini_r
         self.miss_dropout[adapter_name] = float(miss_dropout)
@@ -188,20 +194,12 @@ class MissLinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
-        """Merges adapters (default: the active ones) into the base weight, in place.
-
-        BAT adapters are merged first, in order, then standard/mini ones, which is what the
-        unmerged forward computes. ``safe_merge`` refuses, before writing, a merge that would
-        put NaN/Inf into the weight (the weight is then bit-identical to before).
-        """
+    def _merge_order(self, adapter_names: Optional[Sequence[str]]) -> list[str]:
+        """The adapters merge() would merge, in merge order, after checking they can be."""
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.miss_block]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.miss_block)}")
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            warnings.warn(f"adapter(s) {already} are already merged; merging only the others")
         names = [n for n in names if n not in self.merged_adapters]
         bats = [n for n in names if self.miss_variant[n] == "bat"]
         merged_shards = [n for n in self.merged_adapters if self.miss_variant[n] != "bat"]
@@ -210,23 +208,55 @@ class MissLinear(nn.Module):
                 f"cannot merge bat adapter(s) {bats} on top of merged standard/mini adapter(s) {merged_shards}: "
                 "bat transforms the weight, so unmerge() first and merge them together"
             )
-        weight = self.base_layer.weight
+        return bats + [n for n in names if n not in bats]
+
+    def _apply(self, weight: Tensor, names: Sequence[str], merge: bool, check_finite: bool = False) -> None:
         with torch.no_grad():
-            for name in bats + [n for n in names if n not in bats]:
-                kernel_ops.merge_(weight, self.miss_block[name].detach(), check_finite=safe_merge)
-                self.merged_adapters.append(name)
+            for name in names:
+                block = self.miss_block[name].detach()
+                if merge:
+                    kernel_ops.merge_(weight, block, check_finite=check_finite)
+                else:
+                    kernel_ops.unmerge_(weight, block)
+
+    def check_merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Raises what merge() would raise, changing nothing (with safe_merge, the merge is
+        rehearsed on a copy of the weight)."""
+        names = self._merge_order(adapter_names)
+        if safe_merge and names:
+            self._apply(self.base_layer.weight.detach().clone(), names, merge=True, check_finite=True)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Merges adapters (default: the active ones) into the base weight, in place.
+
+        BAT adapters are merged first, in order, then standard/mini ones, which is what the
+        unmerged forward computes. ``safe_merge`` refuses a merge that would put NaN/Inf into
+        the weight; on any error the weight is bit-identical to before.
+        """
+        names = self._merge_order(adapter_names)
+        already = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                   if n in self.merged_adapters]
+        if already:
+            warnings.warn(f"adapter(s) {already} are already merged; merging only the others")
+        if safe_merge and len(names) > 1:
+            self.check_merge(safe_merge, names)  # one adapter's merge_ is already all-or-nothing
+        self._apply(self.base_layer.weight, names, merge=True, check_finite=safe_merge)
+        self.merged_adapters.extend(names)
+
+    def check_unmerge(self) -> None:
+        """Raises what unmerge() would raise (a singular bat block), changing nothing."""
+        if any(self.miss_variant[n] == "bat" for n in self.merged_adapters):
+            self._apply(self.base_layer.weight.detach().clone(), self.merged_adapters[::-1], merge=False)
 
     def unmerge(self) -> None:
-        """Undoes every merge, last merged first."""
+        """Undoes every merge, last merged first; on error the weight is unchanged."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters[-1]
-                kernel_ops.unmerge_(weight, self.miss_block[name].detach())
-                self.merged_adapters.pop()
+        if len(self.merged_adapters) > 1:
+            self.check_unmerge()  # one adapter's unmerge_ is already all-or-nothing
+        self._apply(self.base_layer.weight, self.merged_adapters[::-1], merge=False)
+        self.merged_adapters.clear()
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         """``W_merged - W`` for one adapter on the current base weight, in float32 (float64 for
@@ -266,6 +296,8 @@ class MissLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x)
+        if not x.is_floating_point():
+            raise TypeError(f"MissLinear: x must be a floating-point tensor, got dtype {x.dtype}")
         names = [n for n in self._active_adapters if n in self.miss_block]
         if self.merged or not names:
             return self.base_layer(x)

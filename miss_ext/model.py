@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import MissConfig
 from .files import WEIGHTS_NAME, load_tensors, save_tensors
-from .layer import MissLinear, block_shape
+from .layer import MissLinear, block_shape, check_adapter_name
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import find_modules_to_save, find_targets, resolve_target_patterns
 
@@ -140,6 +140,7 @@ class MissModel(nn.Module):
         until :meth:`set_adapter`, as in PEFT."""
         if not isinstance(config, MissConfig):
             raise TypeError(f"config must be a miss_ext.MissConfig, got {type(config).__name__}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it first")
         targets = find_targets(self.model, config)
@@ -218,6 +219,9 @@ class MissModel(nn.Module):
         for _, wrapper in self._wrappers():
             wrapper.set_adapter(names)
         self._active_adapters = names
+        for name in names:  # adapters loaded for inference stay frozen when active
+            if self.peft_config[name].inference_mode:
+                self._freeze_adapter(name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -256,14 +260,19 @@ class MissModel(nn.Module):
             unknown = [n for n in names if n not in self.peft_config]
             if unknown:
                 raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
-        for _, layer in self.miss_layers():
-            layer_names = None if names is None else [n for n in names if n in layer.miss_block]
-            layer.merge(safe_merge=safe_merge, adapter_names=layer_names)
+        layers = [(layer, None if names is None else [n for n in names if n in layer.miss_block])
+                  for _, layer in self.miss_layers()]
+        for layer, layer_names in layers:  # every layer is checked before any is merged
+            layer.check_merge(safe_merge, layer_names)
+        for layer, layer_names in layers:
+            layer.merge(adapter_names=layer_names)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.miss_layers():
-            if layer.merged:
-                layer.unmerge()
+        layers = [layer for _, layer in self.miss_layers() if layer.merged]
+        for layer in layers:  # a singular bat block anywhere stops the unmerge before it starts
+            layer.check_unmerge()
+        for layer in layers:
+            layer.unmerge()
 
     def _unload(self, merge: bool, safe_merge: bool = False,
                 adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
@@ -341,7 +350,7 @@ class MissModel(nn.Module):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+                config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
             config.save_pretrained(target)
 
     def _load_tensors_into(self, adapter_name: str, tensors: dict) -> None:
