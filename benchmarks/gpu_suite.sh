@@ -27,7 +27,7 @@ fi
 python -c "import miss_ext; assert miss_ext.has_cuda_kernels(), 'no CUDA kernels in the build'; print('CUDA kernels: yes')" || exit 1
 
 stamp "CUDA tests"
-python -m pytest tests/test_cuda.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+python -m pytest tests/test_cuda.py tests/test_cuda_integration.py -q -rfE -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 bench() {

@@ -30,8 +30,9 @@
                        at::Tensor& out);                                                       \
   /* W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64 */                    \
   void bat_unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tensor& inverse); \
-  /* W[o, i] += sign * B[i % r, o % m]; block_acc [r, m] */                                     \
-  void shard_merge(at::Tensor& weight, const at::Tensor& block_acc, float sign);               \
+  /* out[o, i] = W[o, i] + sign * B[i % r, o % m]; block_acc [r, m]; out may be weight */      \
+  void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign,          \
+                   at::Tensor& out);                                                           \
   /* whether every W[o, i] + sign * B[i % r, o % m] is finite, without writing W */            \
   bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign);
 

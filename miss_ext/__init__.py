@@ -7,6 +7,7 @@ import torch
 
 from . import ops
 from .config import MissConfig
+from .export import export_lora
 from .layer import MissLinear
 from .model import MissModel, get_miss_model
 from .ops import (
@@ -36,6 +37,7 @@ __all__ = [
     "MissLinear",
     "MissModel",
     "get_miss_model",
+    "export_lora",
     "ops",
     "has_cuda_kernels",
     "dropout_seed",

@@ -301,21 +301,35 @@ class MissLinear(nn.Module):
         names = [n for n in self._active_adapters if n in self.miss_block]
         if self.merged or not names:
             return self.base_layer(x)
-        ops = reference_ops if self._backend == "reference" else kernel_ops
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        x_in = x if x.dtype == weight.dtype else x.to(weight.dtype)
+        device_type = x.device.type
+        autocast_dtype = kernel_ops.autocast_dtype(device_type)
+        if autocast_dtype is None:
+            x_in = x if x.dtype == weight.dtype else x.to(weight.dtype)
+            return self._adapted(names, x_in, weight, bias).to(x.dtype)
+        # Inside torch.autocast the layer does what the nn.Linear it replaces does: x, weight
+        # and bias go to the autocast dtype (x without a copy when it has it already) and so
+        # does the output. The blocks are not cast: the kernels read them in their own dtype
+        # and accumulate in float32. The ops run with autocast off, since the casts are done.
+        x_in, weight, bias = (kernel_ops.autocast_cast(t, autocast_dtype, device_type) for t in (x, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return self._adapted(names, x_in, weight, bias)
+
+    def _adapted(self, names: list, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The adapted layer on ``x`` (already in the weight's dtype), in that dtype."""
+        ops = reference_ops if self._backend == "reference" else kernel_ops
         bats = [n for n in names if self.miss_variant[n] == "bat"]
         shards = [n for n in names if self.miss_variant[n] != "bat"]
         if bats:
             for name in bats[:-1]:
                 weight = ops.bat_weight(weight, self.miss_block[name])
-            y = ops.bat_linear(x_in, weight, bias, self.miss_block[bats[-1]])
+            y = ops.bat_linear(x, weight, bias, self.miss_block[bats[-1]])
         else:
             first = shards.pop(0)
-            y = ops.shard_linear(x_in, weight, bias, self.miss_block[first], *self._dropout_args(first, x))
+            y = ops.shard_linear(x, weight, bias, self.miss_block[first], *self._dropout_args(first, x))
         for name in shards:
-            y = ops.shard_delta_add(y, x_in, self.miss_block[name], *self._dropout_args(name, x))
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            y = ops.shard_delta_add(y, x, self.miss_block[name], *self._dropout_args(name, x))
+        return y
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

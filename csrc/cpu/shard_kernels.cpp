@@ -153,17 +153,18 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   });
 }
 
-void shard_merge(at::Tensor& weight, const at::Tensor& block_acc, float sign) {
-  const int64_t out = weight.size(0), in = weight.size(1);
+void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign, at::Tensor& out) {
+  const int64_t rows = weight.size(0), in = weight.size(1);
   const int64_t r = block_acc.size(0), m = block_acc.size(1);
   if (weight.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge", [&] {
-    scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
     const auto* bp = block_acc.const_data_ptr<at::opmath_type<scalar_t>>();
-    at::parallel_for(0, out, row_grain(in), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
       for_each_merged_row(wp, in, bp, r, m, sign, begin, end,
                           [&](int64_t o, const scalar_t* merged) {
-                            std::copy(merged, merged + in, wp + o * in);
+                            std::copy(merged, merged + in, op + o * in);
                           });
     });
   });

@@ -83,11 +83,13 @@ __device__ __forceinline__ scalar_t merged_value(const scalar_t* weight, int64_t
   return static_cast<scalar_t>(static_cast<acc_t>(weight[index]) + sign * block[(i % r) * m + o % m]);
 }
 
+// result may be weight itself: each element reads only its own input.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__global__ void shard_merge_kernel(scalar_t* __restrict__ weight, int64_t out, int64_t in,
-                                   const acc_t* __restrict__ block, int64_t r, int64_t m, float sign) {
+__global__ void shard_merge_kernel(const scalar_t* weight, int64_t out, int64_t in,
+                                   const acc_t* __restrict__ block, int64_t r, int64_t m, float sign,
+                                   scalar_t* result) {
   MISS_GRID_STRIDE_LOOP(index, out * in) {
-    weight[index] = merged_value(weight, index, in, block, r, m, sign);
+    result[index] = merged_value(weight, index, in, block, r, m, sign);
   }
 }
 
@@ -145,14 +147,14 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   });
 }
 
-void shard_merge(at::Tensor& weight, const at::Tensor& block_acc, float sign) {
+void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign, at::Tensor& result) {
   const int64_t out = weight.size(0), in = weight.size(1);
   if (weight.numel() == 0) return;
   const at::cuda::CUDAGuard guard(weight.device());
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_cuda", [&] {
     shard_merge_kernel<scalar_t><<<blocks_for(out * in), kThreads, 0, current_stream()>>>(
-        weight.data_ptr<scalar_t>(), out, in, block_acc.const_data_ptr<at::opmath_type<scalar_t>>(), block_acc.size(0),
-        block_acc.size(1), sign);
+        weight.const_data_ptr<scalar_t>(), out, in, block_acc.const_data_ptr<at::opmath_type<scalar_t>>(),
+        block_acc.size(0), block_acc.size(1), sign, result.data_ptr<scalar_t>());
     MISS_CUDA_CHECK_LAUNCH();
   });
 }

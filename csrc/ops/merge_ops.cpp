@@ -59,7 +59,7 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite) {
   if (block.dim() == 2) {
     TORCH_CHECK(!check_finite || MISS_ROUTE(weight, shard_merge_is_finite, weight, block_acc, 1.0f),
                 "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
-    MISS_ROUTE(weight, shard_merge, weight, block_acc, 1.0f);
+    MISS_ROUTE(weight, shard_merge, weight, block_acc, 1.0f, weight);
     return;
   }
   if (!check_finite) {
@@ -78,7 +78,7 @@ void unmerge_(at::Tensor& weight, const at::Tensor& block) {
   const c10::OptionalDeviceGuard guard(at::device_of(weight));
   const at::Tensor block_acc = block.to(accumulate_dtype(weight.scalar_type())).contiguous();
   if (block.dim() == 2) {
-    MISS_ROUTE(weight, shard_merge, weight, block_acc, -1.0f);
+    MISS_ROUTE(weight, shard_merge, weight, block_acc, -1.0f, weight);
     return;
   }
   const at::Tensor inverse = checked_inverse_of_identity_plus(block);

@@ -46,6 +46,29 @@ void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor&
 }
 
 // The [..., in] data an op folds or tiles, named `name`, and its dropout arguments.
+// The "weight path" of DESIGN.md: W' = W + dW costs one pass over W, after which the forward
+// and the dx GEMM are exactly the base GEMMs; it replaces the thin GEMMs f @ B and dy @ B^T and
+// a pass over y and over dx. Taken only where its numerics match the activation path's and it
+// is cheaper:
+// - float32/float64 weights: rounding W + dW to bf16/fp16 would lose small updates;
+// - no dropout: a masked x does not go through W';
+// - enough rows that the two passes over W (forward and backward) cost less than the passes
+//   over the activations they replace (measured: benchmarks/results/, README).
+constexpr int64_t kWeightPathMinRows = 256;
+
+bool use_weight_path(const at::Tensor& weight, int64_t rows, double p) {
+  const at::ScalarType t = weight.scalar_type();
+  return p == 0.0 && (t == at::kFloat || t == at::kDouble) && rows >= kWeightPathMinRows;
+}
+
+// W + dW (the merged weight), in W's dtype; W is not changed.
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& block) {
+  const at::Tensor w = weight.contiguous();
+  at::Tensor result = at::empty_like(w);
+  MISS_ROUTE(w, shard_merge, w, as_accumulate(block, w), 1.0f, result);
+  return result;
+}
+
 void check_fold_inputs(const char* op, const char* name, const at::Tensor& x, double p,
                        const OptTensor& seed) {
   check_float_tensor(op, name, x);
@@ -102,6 +125,9 @@ std::tuple<at::Tensor, at::Tensor> shard_linear(const at::Tensor& x, const at::T
   const c10::OptionalDeviceGuard guard(at::device_of(x));
 
   const at::Tensor fold = fold_of(x, block.size(0), make_dropout_params(p, seed, x));
+  if (use_weight_path(weight, num_rows(x), p)) {
+    return {at::linear(x, merged_weight(weight, block), bias), fold};
+  }
   // This op owns y, so the delta is accumulated into it in place: no second [N, out] pass.
   at::Tensor y = at::linear(x, weight, bias).contiguous();
   at::Tensor y2d = y.view({num_rows(x), out});
@@ -162,6 +188,9 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
   }
   const c10::OptionalDeviceGuard guard(at::device_of(grad_out));
   const bool need_x = output_mask[0], need_block = output_mask[1];
+  // With the weight path, dx = dy @ W' needs no g = dy @ B^T.
+  const bool weight_path = has_weight && use_weight_path(*weight, rows, p);
+  const bool need_g = need_x && !weight_path;
   const at::ScalarType acc = accumulate_dtype(grad_out.scalar_type());
   const at::Tensor block_acc = as_accumulate(block, grad_out);
   const at::Tensor fold_acc = fold.to(acc);
@@ -169,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
 
   // g = h @ B^T (for the tile into grad_x) and dB = fold^T @ h, with h = dy folded along out
   // to [N, m] (mini) or dy itself (standard), always in the accumulation dtype.
-  at::Tensor g = need_x ? at::empty({rows, r}, fold_acc.options()) : at::Tensor();
+  at::Tensor g = need_g ? at::empty({rows, r}, fold_acc.options()) : at::Tensor();
   at::Tensor grad_block_acc = need_block ? at::zeros({r, m}, fold_acc.options()) : at::Tensor();
   if (m < out || dy.scalar_type() == acc) {
     at::Tensor h = dy;
@@ -177,14 +206,14 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
       h = at::empty({rows, m}, fold_acc.options());
       MISS_ROUTE(dy, shard_fold, dy, DropoutParams{}, h);
     }
-    if (need_x) at::mm_out(g, h, block_acc.t());
+    if (need_g) at::mm_out(g, h, block_acc.t());
     if (need_block) grad_block_acc.addmm_(fold_acc.t(), h);
   } else {
     const int64_t step = chunk_rows(out);
     for (int64_t first = 0; first < rows; first += step) {
       const int64_t count = std::min(step, rows - first);
       const at::Tensor h = dy.narrow(0, first, count).to(acc);
-      if (need_x) {
+      if (need_g) {
         at::Tensor g_chunk = g.narrow(0, first, count);
         at::mm_out(g_chunk, h, block_acc.t());
       }
@@ -194,10 +223,15 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
 
   at::Tensor grad_x = at::empty({0}, grad_out.options());
   if (need_x) {
-    if (has_grad_fold) g.add_(grad_fold->to(acc));
-    const DropoutParams dropout = make_dropout_params(p, seed, grad_out);
-    at::Tensor dx2d = has_weight ? at::mm(dy, *weight) : at::empty({rows, in_features}, grad_out.options());
-    MISS_ROUTE(grad_out, shard_tile, dx2d, g, dropout, has_weight);
+    at::Tensor dx2d;
+    if (weight_path) {
+      dx2d = at::mm(dy, merged_weight(*weight, block));
+      if (has_grad_fold) MISS_ROUTE(grad_out, shard_tile, dx2d, grad_fold->to(acc).contiguous(), DropoutParams{}, true);
+    } else {
+      if (has_grad_fold) g.add_(grad_fold->to(acc));
+      dx2d = has_weight ? at::mm(dy, *weight) : at::empty({rows, in_features}, grad_out.options());
+      MISS_ROUTE(grad_out, shard_tile, dx2d, g, make_dropout_params(p, seed, grad_out), has_weight);
+    }
     std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
     shape.back() = in_features;
     grad_x = dx2d.view(shape);
