@@ -1,0 +1,18 @@
+"""The README's Python quick start runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    section = text.split("## Quick start (Python)", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README quick start", "exec"), namespace)
+    assert (tmp_path / "my_adapter" / "adapter_model.safetensors").is_file()
+    assert (namespace["peft_model"](input_ids=namespace["ids"]).logits
+            - namespace["model"](input_ids=namespace["ids"]).logits).abs().max() < 1e-4
