@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <cstdint>
+
 #include "../kernels.h"
 #include "../shard_index.h"
 #include "../tensor_views.h"
@@ -55,52 +57,89 @@ __global__ void shard_fold_kernel(const scalar_t* __restrict__ x, RowIndexer ind
   }
 }
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__global__ void shard_tile_kernel(scalar_t* __restrict__ grad_x, int64_t rows, int64_t in,
-                                  const acc_t* __restrict__ g, int64_t r, DropoutParams dropout,
-                                  bool accumulate) {
-  const int64_t seed = dropout.enabled ? dropout.seed() : 0;
-  MISS_GRID_STRIDE_LOOP(index, rows * in) {
-    const int64_t n = index / in, i = index % in;
-    const acc_t value = g[n * r + i % r] * dropout_multiplier<acc_t>(dropout, seed, n, i);
-    grad_x[index] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(grad_x[index]) + value : value);
-  }
-}
+// --- Elementwise updates of a contiguous [rows, width] array ---------------------------
+// One kernel serves the tile-add into grad_x, the out-tiled add into y and the merge into W:
+// each thread updates kVec consecutive elements with one 16-byte load and store when both
+// arrays are 16-byte aligned (checked on the host), else one element at a time. `Update` maps
+// (flat index, old value) to the new value; src may be dst.
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__global__ void add_out_tiled_kernel(scalar_t* __restrict__ y, int64_t rows, int64_t out,
-                                     const acc_t* __restrict__ v, int64_t m) {
-  MISS_GRID_STRIDE_LOOP(index, rows * out) {
-    const int64_t n = index / out, o = index % out;
-    y[index] = static_cast<scalar_t>(static_cast<acc_t>(y[index]) + v[n * m + o % m]);
-  }
-}
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Pack {
+  scalar_t v[kVec];
+};
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t merged_value(const scalar_t* weight, int64_t index, int64_t in,
-                                                 const acc_t* block, int64_t r, int64_t m, float sign) {
-  const int64_t o = index / in, i = index % in;
-  return static_cast<scalar_t>(static_cast<acc_t>(weight[index]) + sign * block[(i % r) * m + o % m]);
-}
-
-// result may be weight itself: each element reads only its own input.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__global__ void shard_merge_kernel(const scalar_t* weight, int64_t out, int64_t in,
-                                   const acc_t* __restrict__ block, int64_t r, int64_t m, float sign,
-                                   scalar_t* result) {
-  MISS_GRID_STRIDE_LOOP(index, out * in) {
-    result[index] = merged_value(weight, index, in, block, r, m, sign);
-  }
-}
-
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-__global__ void shard_merge_finite_kernel(const scalar_t* __restrict__ weight, int64_t out, int64_t in,
-                                          const acc_t* __restrict__ block, int64_t r, int64_t m,
-                                          float sign, int* __restrict__ all_finite) {
-  MISS_GRID_STRIDE_LOOP(index, out * in) {
-    if (!isfinite(static_cast<double>(merged_value(weight, index, in, block, r, m, sign)))) {
-      *all_finite = 0;
+template <int kVec, typename scalar_t, typename Update>
+__global__ void update_rows_kernel(const scalar_t* src, scalar_t* dst, int64_t total, Update update) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x * kVec;
+  for (int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; first < total;
+       first += step) {
+    if (first + kVec <= total) {
+      Pack<scalar_t, kVec> pack = *reinterpret_cast<const Pack<scalar_t, kVec>*>(src + first);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) pack.v[k] = update(first + k, pack.v[k]);
+      *reinterpret_cast<Pack<scalar_t, kVec>*>(dst + first) = pack;
+    } else {
+      for (int64_t index = first; index < total; ++index) dst[index] = update(index, src[index]);
     }
+  }
+}
+
+template <typename scalar_t, typename Update>
+void launch_update_rows(const scalar_t* src, scalar_t* dst, int64_t total, const Update& update) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  if (aligned) {
+    update_rows_kernel<kVec><<<blocks_for(ceil_div(total, kVec)), kThreads, 0, current_stream()>>>(
+        src, dst, total, update);
+  } else {
+    update_rows_kernel<1><<<blocks_for(total), kThreads, 0, current_stream()>>>(src, dst, total, update);
+  }
+  MISS_CUDA_CHECK_LAUNCH();
+}
+
+// grad_x[n, i] (+)= drop(n, i) * g[n, i % r]
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+struct TileUpdate {
+  const acc_t* g;
+  int64_t in, r;
+  DropoutParams dropout;
+  bool accumulate;
+  __device__ scalar_t operator()(int64_t index, scalar_t old) const {
+    const int64_t n = index / in, i = index % in;
+    const int64_t seed = dropout.enabled ? dropout.seed() : 0;
+    const acc_t value = g[n * r + i % r] * dropout_multiplier<acc_t>(dropout, seed, n, i);
+    return static_cast<scalar_t>(accumulate ? static_cast<acc_t>(old) + value : value);
+  }
+};
+
+// y[n, o] += v[n, o % m]
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+struct OutTiledAdd {
+  const acc_t* v;
+  int64_t out, m;
+  __device__ scalar_t operator()(int64_t index, scalar_t old) const {
+    const int64_t n = index / out, o = index % out;
+    return static_cast<scalar_t>(static_cast<acc_t>(old) + v[n * m + o % m]);
+  }
+};
+
+// W[o, i] + sign * B[i % r, o % m]
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+struct MergeUpdate {
+  const acc_t* block;
+  int64_t in, r, m;
+  float sign;
+  __device__ scalar_t operator()(int64_t index, scalar_t old) const {
+    const int64_t o = index / in, i = index % in;
+    return static_cast<scalar_t>(static_cast<acc_t>(old) + sign * block[(i % r) * m + o % m]);
+  }
+};
+
+template <typename scalar_t>
+__global__ void shard_merge_finite_kernel(const scalar_t* __restrict__ weight, int64_t total,
+                                          MergeUpdate<scalar_t> merged, int* __restrict__ all_finite) {
+  MISS_GRID_STRIDE_LOOP(index, total) {
+    if (!isfinite(static_cast<double>(merged(index, weight[index])))) *all_finite = 0;
   }
 }
 
@@ -129,10 +168,9 @@ void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dr
   if (grad_x.numel() == 0) return;
   const at::cuda::CUDAGuard guard(grad_x.device());
   MISS_DISPATCH_FLOAT(grad_x.scalar_type(), "miss_shard_tile_cuda", [&] {
-    shard_tile_kernel<scalar_t><<<blocks_for(rows * in), kThreads, 0, current_stream()>>>(
-        grad_x.data_ptr<scalar_t>(), rows, in, g.const_data_ptr<at::opmath_type<scalar_t>>(), r,
-        dropout, accumulate);
-    MISS_CUDA_CHECK_LAUNCH();
+    scalar_t* data = grad_x.data_ptr<scalar_t>();
+    const TileUpdate<scalar_t> update{g.const_data_ptr<at::opmath_type<scalar_t>>(), in, r, dropout, accumulate};
+    launch_update_rows(data, data, rows * in, update);
   });
 }
 
@@ -141,9 +179,8 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   if (y.numel() == 0) return;
   const at::cuda::CUDAGuard guard(y.device());
   MISS_DISPATCH_FLOAT(y.scalar_type(), "miss_add_out_tiled_cuda", [&] {
-    add_out_tiled_kernel<scalar_t><<<blocks_for(rows * out), kThreads, 0, current_stream()>>>(
-        y.data_ptr<scalar_t>(), rows, out, v.const_data_ptr<at::opmath_type<scalar_t>>(), m);
-    MISS_CUDA_CHECK_LAUNCH();
+    scalar_t* data = y.data_ptr<scalar_t>();
+    launch_update_rows(data, data, rows * out, OutTiledAdd<scalar_t>{v.const_data_ptr<at::opmath_type<scalar_t>>(), out, m});
   });
 }
 
@@ -152,10 +189,9 @@ void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float si
   if (weight.numel() == 0) return;
   const at::cuda::CUDAGuard guard(weight.device());
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_cuda", [&] {
-    shard_merge_kernel<scalar_t><<<blocks_for(out * in), kThreads, 0, current_stream()>>>(
-        weight.const_data_ptr<scalar_t>(), out, in, block_acc.const_data_ptr<at::opmath_type<scalar_t>>(),
-        block_acc.size(0), block_acc.size(1), sign, result.data_ptr<scalar_t>());
-    MISS_CUDA_CHECK_LAUNCH();
+    const MergeUpdate<scalar_t> update{block_acc.const_data_ptr<at::opmath_type<scalar_t>>(), in,
+                                       block_acc.size(0), block_acc.size(1), sign};
+    launch_update_rows(weight.const_data_ptr<scalar_t>(), result.data_ptr<scalar_t>(), out * in, update);
   });
 }
 
@@ -165,9 +201,10 @@ bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc
   const at::cuda::CUDAGuard guard(weight.device());
   at::Tensor all_finite = at::ones({1}, weight.options().dtype(at::kInt));
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_finite_cuda", [&] {
+    const MergeUpdate<scalar_t> merged{block_acc.const_data_ptr<at::opmath_type<scalar_t>>(), in,
+                                       block_acc.size(0), block_acc.size(1), sign};
     shard_merge_finite_kernel<scalar_t><<<blocks_for(out * in), kThreads, 0, current_stream()>>>(
-        weight.const_data_ptr<scalar_t>(), out, in, block_acc.const_data_ptr<at::opmath_type<scalar_t>>(),
-        block_acc.size(0), block_acc.size(1), sign, all_finite.data_ptr<int>());
+        weight.const_data_ptr<scalar_t>(), out * in, merged, all_finite.data_ptr<int>());
     MISS_CUDA_CHECK_LAUNCH();
   });
   return all_finite.item<int>() == 1;
