@@ -27,33 +27,37 @@ struct Philox4x32Out {
   uint32_t v[4];
 };
 
-MISS_HOST_DEVICE void mul_hi_lo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
-  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
-  *hi = static_cast<uint32_t>(product >> 32);
-  *lo = static_cast<uint32_t>(product);
-}
-
-MISS_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                             uint32_t k0, uint32_t k1) {
+// Philox4x32-10 on kLanes independent counters at once, in place: counter[w][l] is word w of
+// lane l; every lane uses the key (k0, k1). Written lane by lane so that a CPU compiler
+// vectorises the lanes (the 32 x 32 -> 64-bit products become vpmuludq); CUDA uses one lane.
+template <int kLanes>
+MISS_HOST_DEVICE void philox4x32_10_lanes(uint32_t (&counter)[4][kLanes], uint32_t k0, uint32_t k1) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mul_hi_lo(kMul0, c0, &hi0, &lo0);
-    mul_hi_lo(kMul1, c2, &hi1, &lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t p0 = static_cast<uint64_t>(kMul0) * counter[0][l];
+      const uint64_t p1 = static_cast<uint64_t>(kMul1) * counter[2][l];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ counter[1][l] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ counter[3][l] ^ k1;
+      counter[1][l] = static_cast<uint32_t>(p1);
+      counter[3][l] = static_cast<uint32_t>(p0);
+      counter[0][l] = n0;
+      counter[2][l] = n2;
+    }
     k0 += kWeyl0;
     k1 += kWeyl1;
   }
-  return Philox4x32Out{{c0, c1, c2, c3}};
+}
+
+MISS_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                             uint32_t k0, uint32_t k1) {
+  uint32_t counter[4][1] = {{c0}, {c1}, {c2}, {c3}};
+  philox4x32_10_lanes<1>(counter, k0, k1);
+  return Philox4x32Out{{counter[0][0], counter[1][0], counter[2][0], counter[3][0]}};
 }
 
 // Everything a kernel needs to apply or regenerate one dropout mask. Built on the host by
@@ -74,6 +78,30 @@ MISS_HOST_DEVICE uint32_t dropout_threshold(double p) {
   if (p <= 0.0) return 0u;
   if (p >= 1.0) return 65536u;  // no 16-bit uniform reaches it: every column dropped
   return static_cast<uint32_t>(p * 65536.0 + 0.5);
+}
+
+// The keep mask (1 kept, 0 dropped) of columns 8 * first_group .. 8 * (first_group + kLanes)
+// of row n, as floats: keep[8 * l + k] is column 8 * (first_group + l) + k. The CPU kernels
+// call it with 32 lanes; dropout_keep_bits below is the one-group form the CUDA kernels use.
+template <int kLanes>
+MISS_HOST_DEVICE void dropout_keep_mask(int64_t seed, uint32_t threshold, int64_t row,
+                                        int64_t first_group, float* keep) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint64_t n = static_cast<uint64_t>(row);
+  uint32_t counter[4][kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    counter[0][l] = static_cast<uint32_t>(first_group) + static_cast<uint32_t>(l);
+    counter[1][l] = static_cast<uint32_t>(n);
+    counter[2][l] = static_cast<uint32_t>(n >> 32);
+    counter[3][l] = 0u;
+  }
+  philox4x32_10_lanes<kLanes>(counter, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+  for (int w = 0; w < 4; ++w) {
+    for (int l = 0; l < kLanes; ++l) {
+      keep[l * 8 + 2 * w] = static_cast<float>((counter[w][l] & 0xFFFFu) >= threshold);
+      keep[l * 8 + 2 * w + 1] = static_cast<float>((counter[w][l] >> 16) >= threshold);
+    }
+  }
 }
 
 // The eight keep bits of columns 8q..8q+7 of row n, bit k for column 8q+k.
