@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on tiny sizes (their numbers are not checked here:
+speed is shown by the committed results, not by timed tests)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_layer_tiny(tmp_path):
+    pytest.importorskip("peft")
+    bench_layer = load("bench_layer")
+    assert bench_layer.main(["--tokens", "16", "--in", "32", "--out", "48", "--r", "8", "--mini-r", "4",
+                             "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path), "--name", "t"]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    ours = [r for r in result["rows"] if r["candidate"] == "ours (kernels)"]
+    assert {(r["variant"], r["dropout"]) for r in ours} == {
+        ("standard", 0.0), ("standard", 0.1), ("mini", 0.0), ("mini", 0.1), ("bat", 0.0)}
+    assert all(r["target_ratio"] is not None for r in ours)
+    assert {r["candidate"] for r in result["merge"]} == {"PEFT MiSS", "ours (kernels)"}
+    assert "| fp32 | bat | 0.0 | ours (kernels) |" in (tmp_path / "t.md").read_text()
+
+
+def test_bench_model_tiny(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    bench_model = load("bench_model")
+    assert bench_model.main(["--layers", "1", "--hidden", "32", "--intermediate", "64", "--heads", "2",
+                             "--vocab", "50", "--batch", "1", "--seq", "8", "--r", "8", "--mini-r", "4",
+                             "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path), "--name", "m"]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    names = [r["candidate"] for r in rows]
+    assert names[0] == "no adapter (frozen)" and "ours bat" in names and "PEFT LoRA r=4" in names
+    assert all(r["speedup_vs_peft"] > 0 for r in rows if r["candidate"].startswith("ours"))
