@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 from typing import Dict, Optional
 
@@ -40,6 +41,8 @@ CPU_TARGETS = {
     "fp32": {"standard": 1.05, "mini": 1.05, "dropout": 1.08, "bat": 1.55},
     "bf16-fp32": {"standard": 1.15, "mini": 1.15, "dropout": 1.2, "bat": 1.8},
 }
+MERGE_TARGET = 1.3  # merge and unmerge of standard and mini, as a multiple of one W.copy_()
+MERGE_ROUNDS = 21
 GPU_TARGETS = {"standard": 1.15, "mini": 1.15, "dropout": 1.15, "bat": 1.6}
 
 
@@ -117,14 +120,15 @@ def trainable(module: nn.Module):
 
 
 def step_fns(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    params = trainable(module)
+    inputs = ([x] if x.requires_grad else []) + trainable(module)
 
     def forward():
         return module(x)
 
     def forward_backward():
         y = module(x)
-        torch.autograd.grad(y, [x] + params, grad)
+        if inputs:  # the frozen Linear with --no-x-grad has nothing to differentiate
+            torch.autograd.grad(y, inputs, grad)
 
     return forward, forward_backward
 
@@ -134,7 +138,7 @@ def measure_case(args, variant: str, p: float, mode: str, device) -> list:
     candidates = make_candidates(args, variant, p, mode, device)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.tokens, args.in_features, generator=generator).to(device=device, dtype=model_dtype)
-    x.requires_grad_(True)
+    x.requires_grad_(args.x_grad)
     grad = torch.randn(args.tokens, args.out_features, generator=generator).to(device=device, dtype=model_dtype)
     fns = {name: step_fns(m, x, grad) for name, m in candidates.items()}
     fwd = harness.round_robin({n: f[0] for n, f in fns.items()}, device, args.repeats, args.warmup)
@@ -164,32 +168,37 @@ def miss_layer_of(module: nn.Module) -> nn.Module:
 
 
 def measure_merge(args, variant: str, mode: str, device) -> list:
-    """merge() and unmerge() of ours and PEFT's, against one W.copy_() of the same weight."""
+    """merge() and unmerge() of ours and PEFT's, against one W.copy_() of the same weight, timed
+    in the same rounds (each a few milliseconds: many rounds, as they are cheap)."""
     candidates = make_candidates(args, variant, 0.0, mode, device)
     weight = candidates["Linear (frozen)"].lin.weight
     other = torch.empty_like(weight)
-    copy_time = harness.round_robin({"copy": lambda: other.copy_(weight)}, device, args.repeats, args.warmup)["copy"]
+    layers = {name: miss_layer_of(candidates[name]) for name in ("PEFT MiSS", "ours (kernels)") if name in candidates}
+    errors = {}
+    samples = {"copy": []} | {f"{name} {op}": [] for name in layers for op in ("merge", "unmerge")}
+    rounds = max(args.repeats, MERGE_ROUNDS)
+    for rep in range(args.warmup + rounds):
+        timings = {"copy": harness.time_once(lambda: other.copy_(weight), device)}
+        for name, layer in layers.items():
+            if name in errors:
+                continue
+            try:
+                timings[f"{name} merge"] = harness.time_once(layer.merge, device)
+                timings[f"{name} unmerge"] = harness.time_once(layer.unmerge, device)
+            except Exception as exc:  # PEFT's mini unmerge with bf16 blocks crashes on CPU
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        if rep >= args.warmup:
+            for key, value in timings.items():
+                samples[key].append(value)
+    copy_time = statistics.median(samples["copy"])
     rows = []
-    for name in ("PEFT MiSS", "ours (kernels)"):
-        if name not in candidates:
-            continue
-        layer = miss_layer_of(candidates[name])
-        merges, unmerges, error = [], [], None
-        try:
-            for rep in range(args.warmup + args.repeats):
-                m = harness.time_once(layer.merge, device)
-                u = harness.time_once(layer.unmerge, device)
-                if rep >= args.warmup:
-                    merges.append(m)
-                    unmerges.append(u)
-        except Exception as exc:  # PEFT's mini unmerge with bf16 blocks crashes on CPU
-            error = f"{type(exc).__name__}: {str(exc)[:80]}"
-        row = {"dtype": mode, "variant": variant, "candidate": name, "copy_ms": copy_time * 1e3, "error": error}
-        if merges and unmerges:
-            merges.sort()
-            unmerges.sort()
-            row.update(merge_ms=merges[len(merges) // 2] * 1e3, unmerge_ms=unmerges[len(unmerges) // 2] * 1e3)
-            row.update(merge_ratio=row["merge_ms"] / row["copy_ms"], unmerge_ratio=row["unmerge_ms"] / row["copy_ms"])
+    for name in layers:
+        row = {"dtype": mode, "variant": variant, "candidate": name, "copy_ms": copy_time * 1e3,
+               "error": errors.get(name), "rounds": rounds}
+        if name not in errors:
+            merge, unmerge = (statistics.median(samples[f"{name} {op}"]) for op in ("merge", "unmerge"))
+            row.update(merge_ms=merge * 1e3, unmerge_ms=unmerge * 1e3,
+                       merge_ratio=merge / copy_time, unmerge_ratio=unmerge / copy_time)
         rows.append(row)
     return rows
 
@@ -202,8 +211,11 @@ def to_markdown(info: dict, args, rows: list, merges: list) -> str:
     text = harness.header_markdown("Layer benchmark: one adapted Linear", info)
     text += (f"tokens={args.tokens}, in={args.in_features}, out={args.out_features}, r={args.r}, "
              f"mini_r={args.mini_r}; median of {args.repeats} round-robin repeats after {args.warmup} warm-up. "
-             "Ratios are to the frozen nn.Linear measured in the same rounds (x requires grad, so its "
-             "fwd+bwd is the two GEMMs). \"saved\": bytes autograd keeps for backward beyond the frozen "
+             "Ratios are to the frozen nn.Linear measured in the same rounds ("
+             + ("x requires grad, so its fwd+bwd is the two GEMMs" if args.x_grad else
+                "x does not require grad (--no-x-grad), so its fwd+bwd is its forward GEMM and the others' "
+                "backward computes the adapter's gradient only")
+             + "). \"saved\": bytes autograd keeps for backward beyond the frozen "
              "Linear's, parameters not counted, deduplicated by storage.\n\n")
     cuda = any(r["peak_bytes"] is not None for r in rows)
     text += ("| dtype (model-adapter) | variant | dropout | candidate | fwd ms | fwd ratio | fwd+bwd ms "
@@ -215,7 +227,10 @@ def to_markdown(info: dict, args, rows: list, merges: list) -> str:
                  f"{'' if r['target_ratio'] is None else '<= %.2fx' % r['target_ratio']} | {mib(r['saved_beyond_linear_bytes'])} |"
                  + (f" {mib(r.get('peak_beyond_linear_bytes'))} |" if cuda else "") + "\n")
     if merges:
-        text += "\n| dtype | variant | candidate | merge ms | unmerge ms | W.copy_ ms | merge / copy | unmerge / copy |\n"
+        text += (f"\nmerge() and unmerge() against one `W.copy_()` of the same weight, median of "
+                 f"{merges[0]['rounds']} rounds that time all three; target for ours, standard and mini: "
+                 f"<= {MERGE_TARGET}x.\n\n")
+        text += "| dtype | variant | candidate | merge ms | unmerge ms | W.copy_ ms | merge / copy | unmerge / copy |\n"
         text += "|---|---|---|---|---|---|---|---|\n"
         for r in merges:
             if r.get("error"):
@@ -246,6 +261,10 @@ def parse_args(argv=None):
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip ours on the reference backend (the slowest candidate)")
     parser.add_argument("--no-merge", dest="merge", action="store_false")
+    parser.add_argument("--no-x-grad", dest="x_grad", action="store_false",
+                        help="x does not require grad (the first adapted layer of a network): no dx GEMM, "
+                             "the frozen Linear's fwd+bwd is its forward. For bf16 on CPUs without AVX-512 "
+                             "BF16, where torch 2.14's dy @ W takes a single-threaded fallback (README)")
     parser.add_argument("--name", default=None, help="results file name (default: from device and sizes)")
     parser.add_argument("--out-dir", default=harness.RESULTS)
     return parser.parse_args(argv)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import ops as kernel_ops
 from . import reference as reference_ops
+from .adapter_names import ActiveAdapters, checked_names
 from .config import check_adapter_hyperparameters, variant_of
 
 BACKENDS = ("kernels", "reference")
@@ -55,7 +56,7 @@ def block_shape(variant: str, r: int, mini_r: int, in_features: int, out_feature
     return (r, out_features)
 
 
-class MissLinear(nn.Module):
+class MissLinear(ActiveAdapters, nn.Module):
     """An ``nn.Linear`` with MiSS adapters.
 
     Args:
@@ -142,20 +143,9 @@ class MissLinear(nn.Module):
         self.miss_dropout[adapter_name] = float(miss_dropout)
         self.miss_variant[adapter_name] = variant
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
-
     def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
         """Makes these adapters active (and trainable); the others inactive and frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [n for n in names if n not in self.miss_block]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.miss_block)}")
+        names = checked_names(adapter_names, self.miss_block, "layer")
         for name, block in self.miss_block.items():
             block.requires_grad_(name in names)
         self._active_adapters = names
@@ -196,10 +186,8 @@ class MissLinear(nn.Module):
 
     def _merge_order(self, adapter_names: Optional[Sequence[str]]) -> list[str]:
         """The adapters merge() would merge, in merge order, after checking they can be."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        unknown = [n for n in names if n not in self.miss_block]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this layer has {list(self.miss_block)}")
+        names = checked_names(self.active_adapters if adapter_names is None else adapter_names,
+                              self.miss_block, "layer")
         names = [n for n in names if n not in self.merged_adapters]
         bats = [n for n in names if self.miss_variant[n] == "bat"]
         merged_shards = [n for n in self.merged_adapters if self.miss_variant[n] != "bat"]

@@ -21,6 +21,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .adapter_names import ActiveAdapters, checked_names
 from .config import MissConfig
 from .files import WEIGHTS_NAME, load_tensors, save_tensors
 from .layer import MissLinear, block_shape, check_adapter_name
@@ -94,7 +95,7 @@ def check_adapter_file(model: nn.Module, config: MissConfig, tensors: dict, dire
         raise ValueError(f"the adapter in {directory!r} does not fit this model: " + "; ".join(problems))
 
 
-class MissModel(nn.Module):
+class MissModel(ActiveAdapters, nn.Module):
     """A model adapted by MiSS adapters. Attributes the wrapper does not have are looked up on
     the wrapped model, so ``miss_model.config`` or ``miss_model.generate`` work as before."""
 
@@ -200,20 +201,9 @@ class MissModel(nn.Module):
             if adapter_name in wrapper.modules_to_save:
                 wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
-
     def set_adapter(self, adapter_names: Union[str, Sequence[str]]) -> None:
         """Makes these adapters active (and their blocks trainable) on every layer."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        names = checked_names(adapter_names, self.peft_config, "model")
         for _, layer in self.miss_layers():
             layer.set_adapter([n for n in names if n in layer.miss_block])
         for _, wrapper in self._wrappers():
@@ -255,11 +245,7 @@ class MissModel(nn.Module):
     # -- merge ------------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        names = None if adapter_names is None else list(adapter_names)
-        if names is not None:
-            unknown = [n for n in names if n not in self.peft_config]
-            if unknown:
-                raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        names = None if adapter_names is None else checked_names(adapter_names, self.peft_config, "model")
         layers = [(layer, None if names is None else [n for n in names if n in layer.miss_block])
                   for _, layer in self.miss_layers()]
         for layer, layer_names in layers:  # every layer is checked before any is merged
@@ -339,10 +325,8 @@ class MissModel(nn.Module):
         """Writes each adapter as PEFT does: "default" in ``directory``, others in
         ``directory/<name>``; adapter_config.json and adapter_model.safetensors, each written
         atomically (weights first)."""
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(self.peft_config)}")
+        names = checked_names(self.peft_config if selected_adapters is None else selected_adapters,
+                              self.peft_config, "model")
         for name in names:
             target = directory if name == "default" else os.path.join(directory, name)
             os.makedirs(target, exist_ok=True)

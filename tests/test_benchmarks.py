@@ -29,6 +29,9 @@ def test_bench_layer_tiny(tmp_path):
     assert all(r["target_ratio"] is not None for r in ours)
     assert {r["candidate"] for r in result["merge"]} == {"PEFT MiSS", "ours (kernels)"}
     assert "| fp32 | bat | 0.0 | ours (kernels) |" in (tmp_path / "t.md").read_text()
+    pytest.importorskip("matplotlib")
+    assert load("plot_results").main([str(tmp_path / "t.json"), "--out", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 10_000
 
 
 def test_bench_model_tiny(tmp_path):
@@ -42,3 +45,12 @@ def test_bench_model_tiny(tmp_path):
     names = [r["candidate"] for r in rows]
     assert names[0] == "no adapter (frozen)" and "ours bat" in names and "PEFT LoRA r=4" in names
     assert all(r["speedup_vs_peft"] > 0 for r in rows if r["candidate"].startswith("ours"))
+
+
+def test_cost_breakdown_tiny(tmp_path):
+    cost_breakdown = load("cost_breakdown")
+    assert cost_breakdown.main(["--tokens", "16", "--in", "32", "--out", "64", "--r", "8", "--repeats", "1",
+                                "--out-dir", str(tmp_path), "--name", "c"]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert set(result["floor_extra_ms"]) == {"standard (weight path)", "standard, dropout 0.1", "bat"}
+    assert result["weight_path_crossover_rows"] > 0

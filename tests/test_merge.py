@@ -316,3 +316,21 @@ def test_bat_merge_is_in_place(dtype_):
     miss_ext.merge_(w, bat_block(12, 4, gen=generator(19)))
     miss_ext.unmerge_(w, bat_block(12, 4, gen=generator(19)))
     assert w.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape,block_shape", [((5, 37), (4, 5)), ((16, 64), (8, 4)), ((3, 8), (8, 3))],
+                         ids=["tail", "mini", "one-span"])
+def test_low_precision_merge_rounds_once_like_torch(shape, block_shape, dtype):
+    """The vectorised store of the merge (csrc/cpu/add_span.h) gives the bits of widening to
+    float32, adding, and one round-to-nearest-even conversion, including the scalar tail."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    block = torch.randn(block_shape, generator=generator) * 0.1
+    out, in_features = shape
+    r, m = block_shape
+    delta = block[torch.arange(in_features) % r][:, torch.arange(out) % m].t()  # delta[o, i] = B[i % r, o % m]
+    expected = (weight.float() + delta).to(dtype)
+    merged = weight.clone()
+    miss_ext.merge_(merged, block)
+    assert torch.equal(merged.view(torch.int16), expected.view(torch.int16))

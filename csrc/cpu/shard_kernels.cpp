@@ -13,6 +13,7 @@
 #include "../kernels.h"
 #include "../shard_index.h"
 #include "../tensor_views.h"
+#include "add_span.h"
 
 namespace miss {
 namespace cpu {
@@ -96,22 +97,19 @@ void tile_rows(scalar_t* grad_x, int64_t in, const acc_t* g, int64_t r,
   }
 }
 
-// visit(index, value) for every element of rows [begin, end) of W, where value is the
-// merged W[o, i] + sign * B[i % r, o % m] rounded to W's dtype. Writing through visit into W
-// itself is safe: each element depends only on itself.
-template <typename scalar_t, typename Visit, typename acc_t = at::opmath_type<scalar_t>>
-void for_each_merged_value(const scalar_t* weight, int64_t in, const acc_t* block, int64_t r, int64_t m,
-                           float sign, int64_t begin, int64_t end, Visit visit) {
-  std::vector<acc_t> column(r);
+// The merged rows [begin, end) of W: W[o, i] + sign * B[i % r, o % m], rounded to W's dtype,
+// as one `row_span(o, added)` per row, added[i] = sign * B[i % r, o % m] for i < in (one call
+// per row, not per shard: per-shard calls of r elements cost more than the data pass).
+template <typename acc_t, typename RowSpan>
+void for_each_merged_row(int64_t in, const acc_t* block, int64_t r, int64_t m, float sign, int64_t begin,
+                         int64_t end, RowSpan row_span) {
+  std::vector<acc_t> added(in);
   for (int64_t o = begin; o < end; ++o) {
-    for (int64_t c = 0; c < r; ++c) column[c] = sign * block[c * m + o % m];
-    const scalar_t* row = weight + o * in;
-    for (int64_t s = 0; s * r < in; ++s) {
-      const int64_t width = shard_width(in, r, s), first = s * r;
-      for (int64_t c = 0; c < width; ++c) {
-        visit(o * in + first + c, static_cast<scalar_t>(static_cast<acc_t>(row[first + c]) + column[c]));
-      }
+    for (int64_t c = 0; c < r; ++c) added[c] = sign * block[c * m + o % m];
+    for (int64_t first = r; first < in; first += r) {
+      std::copy_n(added.data(), std::min(r, in - first), added.data() + first);
     }
+    row_span(o, added.data());
   }
 }
 
@@ -154,11 +152,7 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* row = yp + n * out;
         const acc_t* vn = vp + n * m;
-        for (int64_t first = 0; first < out; first += m) {
-          for (int64_t c = 0; c < m; ++c) {
-            row[first + c] = static_cast<scalar_t>(static_cast<acc_t>(row[first + c]) + vn[c]);
-          }
-        }
+        for (int64_t first = 0; first < out; first += m) add_span(row + first, vn, m, row + first);
       }
     });
   });
@@ -169,12 +163,14 @@ void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float si
   const int64_t r = block_acc.size(0), m = block_acc.size(1);
   if (weight.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const auto* bp = block_acc.const_data_ptr<at::opmath_type<scalar_t>>();
+    const acc_t* bp = block_acc.const_data_ptr<acc_t>();
     at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
-      for_each_merged_value(wp, in, bp, r, m, sign, begin, end,
-                            [&](int64_t index, scalar_t value) { op[index] = value; });
+      for_each_merged_row(in, bp, r, m, sign, begin, end, [&](int64_t o, const acc_t* added) {
+        add_span(wp + o * in, added, in, op + o * in);
+      });
     });
   });
 }
@@ -185,12 +181,16 @@ bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc
   std::atomic<bool> finite{true};
   if (weight.numel() == 0) return true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge_is_finite", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    const auto* bp = block_acc.const_data_ptr<at::opmath_type<scalar_t>>();
+    const acc_t* bp = block_acc.const_data_ptr<acc_t>();
     at::parallel_for(0, out, row_grain(in), [&](int64_t begin, int64_t end) {
       bool chunk_finite = true;
-      for_each_merged_value(wp, in, bp, r, m, sign, begin, end, [&](int64_t, scalar_t value) {
-        chunk_finite &= std::isfinite(static_cast<double>(value));
+      for_each_merged_row(in, bp, r, m, sign, begin, end, [&](int64_t o, const acc_t* added) {
+        const scalar_t* row = wp + o * in;
+        for (int64_t i = 0; i < in; ++i) {
+          chunk_finite &= std::isfinite(static_cast<double>(static_cast<scalar_t>(static_cast<acc_t>(row[i]) + added[i])));
+        }
       });
       if (!chunk_finite) finite = false;
     });
