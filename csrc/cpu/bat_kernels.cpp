@@ -31,6 +31,14 @@ void bat_transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Te
   if (weight.numel() == 0) return;
   const int64_t r = block_acc.size(-1);
   const at::Tensor w3 = row_blocks(weight, r, block_acc.scalar_type());
+  // Straight into out when it has the accumulation dtype and is not W itself (an in-place
+  // merge): no weight-sized temporary and no copy of it.
+  if (out.scalar_type() == block_acc.scalar_type() && out.is_contiguous() && out.data_ptr() != w3.data_ptr()) {
+    at::Tensor out3 = out.view(w3.sizes());
+    at::baddbmm_out(out3, w3, w3, block_acc);
+    add_block_rows_(out3, block_acc);
+    return;
+  }
   at::Tensor result = at::baddbmm(w3, w3, block_acc);
   add_block_rows_(result, block_acc);
   out.copy_(result.view(weight.sizes()));
