@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     text += (f"\nWeight path against activation path (no dropout, fp32): W + dW twice costs {2 * merged:.2f} ms "
              f"whatever N; the thin GEMMs f @ B and dy @ B^T and the tile-add it replaces cost "
              f"{saved_by_weight_path:.2f} ms at N={args.tokens}, so it pays above N ~ {crossover_rows:.0f} rows "
-             "(csrc/ops/shard_ops.cpp: kWeightPathMinRows).\n")
+             f"(rows * r >= {crossover_rows * args.r / args.in_features:.0f} * in: csrc/ops/shard_ops.cpp, "
+             "kWeightPathCrossover).\n")
     name = args.name or f"cost_breakdown_{device.type}_{args.tokens}x{args.in_features}x{args.out_features}_r{args.r}"
     json_path, md_path = harness.write_results(
         name, {"machine": info, "args": vars(args), "pieces_ms": ms, "floor_extra_ms": floors,

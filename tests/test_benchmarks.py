@@ -54,3 +54,11 @@ def test_cost_breakdown_tiny(tmp_path):
     result = json.loads((tmp_path / "c.json").read_text())
     assert set(result["floor_extra_ms"]) == {"standard (weight path)", "standard, dropout 0.1", "bat"}
     assert result["weight_path_crossover_rows"] > 0
+
+
+def test_cpu_dtype_costs_tiny(tmp_path):
+    cpu_dtype_costs = load("cpu_dtype_costs")
+    assert cpu_dtype_costs.main(["--gemm-size", "16", "--weight-size", "64", "--repeats", "1",
+                                 "--out-dir", str(tmp_path), "--name", "d"]) == 0
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert len(result["gemm_ms"]) == 6 and len(result["pass_ms"]) == 9

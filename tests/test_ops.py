@@ -499,7 +499,7 @@ def test_many_rows_cross_chunk_and_thread_boundaries(m, dtype_):
     assert_close_to_oracle(grad_block, oblock, sblock, what="grad_block")
 
 
-# From 256 rows on, float32/float64 layers without dropout take the weight path
+# float32/float64 layers without dropout take the weight path from rows * r >= 19 * in on
 # (csrc/ops/shard_ops.cpp: y = x (W + dW)^T, dx = dy (W + dW)): same rule, same oracle.
 WEIGHT_PATH_ROWS = 300
 

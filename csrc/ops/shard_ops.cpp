@@ -52,13 +52,16 @@ void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor&
 // is cheaper:
 // - float32/float64 weights: rounding W + dW to bf16/fp16 would lose small updates;
 // - no dropout: a masked x does not go through W';
-// - enough rows that the two passes over W (forward and backward) cost less than the passes
-//   over the activations they replace (measured: benchmarks/results/, README).
-constexpr int64_t kWeightPathMinRows = 256;
+// - enough rows: the two passes over W cost ~in * out whatever N, while the thin GEMMs f @ B and
+//   dy @ B^T and the tile-add they replace cost ~N * r * out, so the weight path pays from
+//   N * r >= K * in on. K = 19 is the crossover benchmarks/cost_breakdown.py measured on CPU
+//   (2-core EPYC, fp32, in=out=2048, r=64: ~610 rows; benchmarks/results/cost_breakdown_*);
+//   it has not been measured on a GPU.
+constexpr int64_t kWeightPathCrossover = 19;
 
-bool use_weight_path(const at::Tensor& weight, int64_t rows, double p) {
+bool use_weight_path(const at::Tensor& weight, int64_t rows, int64_t r, double p) {
   const at::ScalarType t = weight.scalar_type();
-  return p == 0.0 && (t == at::kFloat || t == at::kDouble) && rows >= kWeightPathMinRows;
+  return p == 0.0 && (t == at::kFloat || t == at::kDouble) && rows * r >= kWeightPathCrossover * weight.size(1);
 }
 
 // W + dW (the merged weight), in W's dtype; W is not changed.
@@ -125,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear(const at::Tensor& x, const at::T
   const c10::OptionalDeviceGuard guard(at::device_of(x));
 
   const at::Tensor fold = fold_of(x, block.size(0), make_dropout_params(p, seed, x));
-  if (use_weight_path(weight, num_rows(x), p)) {
+  if (use_weight_path(weight, num_rows(x), block.size(0), p)) {
     return {at::linear(x, merged_weight(weight, block), bias), fold};
   }
   // This op owns y, so the delta is accumulated into it in place: no second [N, out] pass.
@@ -189,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
   const c10::OptionalDeviceGuard guard(at::device_of(grad_out));
   const bool need_x = output_mask[0], need_block = output_mask[1];
   // With the weight path, dx = dy @ W' needs no g = dy @ B^T.
-  const bool weight_path = has_weight && use_weight_path(*weight, rows, p);
+  const bool weight_path = has_weight && use_weight_path(*weight, rows, r, p);
   const bool need_g = need_x && !weight_path;
   const at::ScalarType acc = accumulate_dtype(grad_out.scalar_type());
   const at::Tensor block_acc = as_accumulate(block, grad_out);
