@@ -50,8 +50,10 @@ def panel(ax, result: dict, title: str) -> None:
     ax.set_xticks(range(len(cases)), labels, fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel("fwd+bwd time / frozen nn.Linear")
-    top = max(min(r["fwd_bwd_ratio"], CAP) for r in rows if r["candidate"] in CANDIDATES)
-    ax.set_ylim(0.8, 0.8 + (top - 0.8) * 1.35)
+    shown = [min(r["fwd_bwd_ratio"], CAP) for r in rows if r["candidate"] in CANDIDATES]
+    shown += [r["target_ratio"] for r in rows if r.get("target_ratio")]
+    bottom = min(0.8, min(shown) - 0.1)
+    ax.set_ylim(bottom, bottom + (max(shown) - bottom) * 1.3)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", ncol=2)
 
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
         a, m = result["args"], result["machine"]
         dtype = result["rows"][0]["dtype"]
         where = m.get("gpu") or f"{m['torch_threads']}-thread CPU"
-        title = (f"{dtype}: tokens={a['tokens']}, in={a['in_features']}, out={a['out_features']}, r={a['r']}\n"
+        grad_note = "" if a.get("x_grad", True) else ", x without grad"
+        title = (f"{dtype}: tokens={a['tokens']}, in={a['in_features']}, out={a['out_features']}, r={a['r']}{grad_note}\n"
                  f"{where}, torch {m['torch']}, peft {m['peft']}, {m['date']}")
         panel(ax, result, title)
     fig.tight_layout()
