@@ -244,20 +244,14 @@ def to_markdown(info: dict, args, rows: list, merges: list) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--in", dest="in_features", type=int, default=2048)
-    parser.add_argument("--out", dest="out_features", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=64)
+    harness.add_layer_size_args(parser)
     parser.add_argument("--mini-r", type=int, default=16)
     # bf16 GEMMs run ~7x slower than fp32 on a CPU without AVX-512 BF16, so the default (which
     # must finish in minutes on 2 cores) is fp32; benchmarks/results/ holds the bf16-fp32 runs.
     parser.add_argument("--dtypes", default="fp32", help=f"comma list of {list(DTYPE_MODES)}")
     parser.add_argument("--variants", default="standard,mini,bat")
     parser.add_argument("--dropouts", default="0,0.1", help="dropout values (bat always runs without)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    harness.add_run_args(parser, repeats=5)
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip ours on the reference backend (the slowest candidate)")
     parser.add_argument("--no-merge", dest="merge", action="store_false")
@@ -265,17 +259,12 @@ def parse_args(argv=None):
                         help="x does not require grad (the first adapted layer of a network): no dx GEMM, "
                              "the frozen Linear's fwd+bwd is its forward. For bf16 on CPUs without AVX-512 "
                              "BF16, where torch 2.14's dy @ W takes a single-threaded fallback (README)")
-    parser.add_argument("--name", default=None, help="results file name (default: from device and sizes)")
-    parser.add_argument("--out-dir", default=harness.RESULTS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = harness.machine_info(device)
+    device, info = harness.start_run(args)
     rows, merges = [], []
     for mode in args.dtypes.split(","):
         for variant in args.variants.split(","):

@@ -134,20 +134,13 @@ def parse_args(argv=None):
     parser.add_argument("--mini-r", type=int, default=16)
     parser.add_argument("--dropout", type=float, default=0.0, help="miss_dropout / lora_dropout")
     parser.add_argument("--variants", default="standard,mini,bat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--name", default=None, help="results file name (default: from device and sizes)")
-    parser.add_argument("--out-dir", default=harness.RESULTS)
+    harness.add_run_args(parser, repeats=3)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = harness.machine_info(device)
+    device, info = harness.start_run(args)
     candidates = build_candidates(args, device)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)

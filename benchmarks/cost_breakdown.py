@@ -62,19 +62,12 @@ def pieces(args, device) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--in", dest="in_features", type=int, default=2048)
-    parser.add_argument("--out", dest="out_features", type=int, default=2048)
-    parser.add_argument("--r", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--out-dir", default=harness.RESULTS)
+    harness.add_layer_size_args(parser)
+    harness.add_run_args(parser, repeats=15)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    info = harness.machine_info(device)
+    device, info = harness.start_run(args)
     fns = pieces(args, device)
-    ms = {k: v * 1e3 for k, v in harness.round_robin(fns, device, args.repeats, warmup=2).items()}
+    ms = {k: v * 1e3 for k, v in harness.round_robin(fns, device, args.repeats, args.warmup + 1).items()}
     linear = ms["base: y = x W^T + b (addmm)"] + ms["base: dx = dy W (mm)"]
     merged = ms["merged weight W + dW (weight path)"] - ms["W.clone() (inside the line above)"]
     tile = ms["tile-add into dx, dropout 0.1 (mask drawn again)"] - ms["clone of dx (inside the tile-add op above)"]

@@ -144,6 +144,32 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULT
     return json_path, md_path
 
 
+def add_layer_size_args(parser) -> None:
+    """--device and the sizes of one adapted Linear (DESIGN.md's CPU sizes by default)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--in", dest="in_features", type=int, default=2048)
+    parser.add_argument("--out", dest="out_features", type=int, default=2048)
+    parser.add_argument("--r", type=int, default=64)
+
+
+def add_run_args(parser, repeats: int) -> None:
+    """Repeats, threads and where the results go."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--name", default=None, help="results file name (default: from device and sizes)")
+    parser.add_argument("--out-dir", default=RESULTS)
+
+
+def start_run(args) -> tuple[torch.device, dict]:
+    """Applies --threads; returns the device and the machine description of the results."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device, machine_info(device)
+
+
 def header_markdown(title: str, info: dict) -> str:
     where = info.get("gpu") or f"{info['cpu']}, {info['torch_threads']} threads"
     return (
