@@ -318,26 +318,26 @@ class ShardLayer:
     block: torch.Tensor
 
 
-def make_shard_layer(case: ShardCase, *, dtype=torch.float32, block_dtype=None, device="cpu",
-                     bias: bool = True, seed: int = 0) -> ShardLayer:
+def _make_layer(case, make_block, dtype, device, bias: bool, seed: int) -> ShardLayer:
+    """x, weight, bias, then the block (make_block(gen)), drawn in that order from one seed."""
     gen = generator(seed)
     x = make_x(case.lead, case.in_features, layout=case.layout, dtype=dtype, device=device, gen=gen)
     weight = rand((case.out_features, case.in_features), dtype=dtype, device=device, gen=gen,
                   scale=1.0 / math.sqrt(case.in_features))
     b = rand((case.out_features,), dtype=dtype, device=device, gen=gen) if bias else None
-    block = shard_block(case.r, case.m, dtype=block_dtype or dtype, device=device, gen=gen)
-    return ShardLayer(x, weight, b, block)
+    return ShardLayer(x, weight, b, make_block(gen))
+
+
+def make_shard_layer(case: ShardCase, *, dtype=torch.float32, block_dtype=None, device="cpu",
+                     bias: bool = True, seed: int = 0) -> ShardLayer:
+    return _make_layer(case, lambda gen: shard_block(case.r, case.m, dtype=block_dtype or dtype, device=device,
+                                                     gen=gen), dtype, device, bias, seed)
 
 
 def make_bat_layer(case: BatCase, *, dtype=torch.float32, block_dtype=None, device="cpu",
                    bias: bool = True, seed: int = 0) -> ShardLayer:
-    gen = generator(seed)
-    x = make_x(case.lead, case.in_features, layout=case.layout, dtype=dtype, device=device, gen=gen)
-    weight = rand((case.out_features, case.in_features), dtype=dtype, device=device, gen=gen,
-                  scale=1.0 / math.sqrt(case.in_features))
-    b = rand((case.out_features,), dtype=dtype, device=device, gen=gen) if bias else None
-    block = bat_block(case.out_features, case.r, dtype=block_dtype or dtype, device=device, gen=gen)
-    return ShardLayer(x, weight, b, block)
+    return _make_layer(case, lambda gen: bat_block(case.out_features, case.r, dtype=block_dtype or dtype,
+                                                   device=device, gen=gen), dtype, device, bias, seed)
 
 
 # (x dtype, block dtype): PEFT's default (bf16/fp16 model, fp32 adapter) and the reverse.
