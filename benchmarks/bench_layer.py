@@ -141,8 +141,13 @@ def measure_case(args, variant: str, p: float, mode: str, device) -> list:
     x.requires_grad_(args.x_grad)
     grad = torch.randn(args.tokens, args.out_features, generator=generator).to(device=device, dtype=model_dtype)
     fns = {name: step_fns(m, x, grad) for name, m in candidates.items()}
-    fwd = harness.round_robin({n: f[0] for n, f in fns.items()}, device, args.repeats, args.warmup)
-    fwd_bwd = harness.round_robin({n: f[1] for n, f in fns.items()}, device, args.repeats, args.warmup)
+    fwd_samples = harness.round_robin_samples({n: f[0] for n, f in fns.items()}, device, args.repeats, args.warmup)
+    fwd_bwd_samples = harness.round_robin_samples({n: f[1] for n, f in fns.items()}, device, args.repeats,
+                                                  args.warmup)
+    fwd = {n: statistics.median(v) for n, v in fwd_samples.items()}
+    fwd_bwd = {n: statistics.median(v) for n, v in fwd_bwd_samples.items()}
+    fwd_ratio = harness.paired_ratios(fwd_samples, "Linear (frozen)")
+    fwd_bwd_ratio = harness.paired_ratios(fwd_bwd_samples, "Linear (frozen)")
     rows = []
     target = target_for(device, mode, variant, p)
     for name, module in candidates.items():
@@ -150,8 +155,8 @@ def measure_case(args, variant: str, p: float, mode: str, device) -> list:
         peak = harness.peak_cuda_bytes(fns[name][1], device) if device.type == "cuda" else None
         rows.append({
             "dtype": mode, "variant": variant, "dropout": p, "candidate": name,
-            "fwd_ms": fwd[name] * 1e3, "fwd_ratio": fwd[name] / fwd["Linear (frozen)"],
-            "fwd_bwd_ms": fwd_bwd[name] * 1e3, "fwd_bwd_ratio": fwd_bwd[name] / fwd_bwd["Linear (frozen)"],
+            "fwd_ms": fwd[name] * 1e3, "fwd_ratio": fwd_ratio[name],
+            "fwd_bwd_ms": fwd_bwd[name] * 1e3, "fwd_bwd_ratio": fwd_bwd_ratio[name],
             "saved_bytes": saved, "peak_bytes": peak,
             "target_ratio": target if name == "ours (kernels)" else None,
         })
@@ -197,8 +202,10 @@ def measure_merge(args, variant: str, mode: str, device) -> list:
                "error": errors.get(name), "rounds": rounds}
         if name not in errors:
             merge, unmerge = (statistics.median(samples[f"{name} {op}"]) for op in ("merge", "unmerge"))
+            ratios = harness.paired_ratios({op: samples[f"{name} {op}"] for op in ("merge", "unmerge")} |
+                                           {"copy": samples["copy"]}, "copy")
             row.update(merge_ms=merge * 1e3, unmerge_ms=unmerge * 1e3,
-                       merge_ratio=merge / copy_time, unmerge_ratio=unmerge / copy_time)
+                       merge_ratio=ratios["merge"], unmerge_ratio=ratios["unmerge"])
         rows.append(row)
     return rows
 
@@ -211,7 +218,8 @@ def to_markdown(info: dict, args, rows: list, merges: list) -> str:
     text = harness.header_markdown("Layer benchmark: one adapted Linear", info)
     text += (f"tokens={args.tokens}, in={args.in_features}, out={args.out_features}, r={args.r}, "
              f"mini_r={args.mini_r}; median of {args.repeats} round-robin repeats after {args.warmup} warm-up. "
-             "Ratios are to the frozen nn.Linear measured in the same rounds ("
+             "A ratio is the median over rounds of the candidate's time over the frozen nn.Linear's in the "
+             "same round ("
              + ("x requires grad, so its fwd+bwd is the two GEMMs" if args.x_grad else
                 "x does not require grad (--no-x-grad), so its fwd+bwd is its forward GEMM and the others' "
                 "backward computes the adapter's gradient only")
@@ -227,8 +235,8 @@ def to_markdown(info: dict, args, rows: list, merges: list) -> str:
                  f"{'' if r['target_ratio'] is None else '<= %.2fx' % r['target_ratio']} | {mib(r['saved_beyond_linear_bytes'])} |"
                  + (f" {mib(r.get('peak_beyond_linear_bytes'))} |" if cuda else "") + "\n")
     if merges:
-        text += (f"\nmerge() and unmerge() against one `W.copy_()` of the same weight, median of "
-                 f"{merges[0]['rounds']} rounds that time all three; target for ours, standard and mini: "
+        text += (f"\nmerge() and unmerge() against one `W.copy_()` of the same weight, in "
+                 f"{merges[0]['rounds']} rounds that time all three (ratio: median over rounds); target for ours, standard and mini: "
                  f"<= {MERGE_TARGET}x.\n\n")
         text += "| dtype | variant | candidate | merge ms | unmerge ms | W.copy_ ms | merge / copy | unmerge / copy |\n"
         text += "|---|---|---|---|---|---|---|---|\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from typing import Callable, Dict
 
@@ -146,7 +147,9 @@ def main(argv=None) -> int:
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
     steps = {name: training_step(model, input_ids) for name, model in candidates.items()}
     print(f"[bench_model] {len(candidates)} candidates, {args.batch * args.seq} tokens per step", flush=True)
-    times = harness.round_robin({name: s[0] for name, s in steps.items()}, device, args.repeats, args.warmup)
+    samples = harness.round_robin_samples({name: s[0] for name, s in steps.items()}, device, args.repeats,
+                                          args.warmup)
+    times = {name: statistics.median(values) for name, values in samples.items()}
     tokens = args.batch * args.seq
     rows = []
     for name, model in candidates.items():
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
         rows.append({
             "candidate": name, "trainable": trainable_count(model), "step_ms": times[name] * 1e3,
             "tokens_per_s": tokens / times[name], "saved_bytes": saved, "peak_bytes": peak,
-            "speedup_vs_peft": times[peft_twin] / times[name] if peft_twin in times else None,
+            # median over rounds of PEFT's step time over ours in the same round
+            "speedup_vs_peft": 1 / harness.paired_ratios(samples, peft_twin)[name] if peft_twin in times else None,
         })
     markdown = to_markdown(info, args, rows)
     name = args.name or f"model_{device.type}_llama{args.layers}x{args.hidden}_{args.dtype}"

@@ -3,8 +3,8 @@ bytes, peak CUDA memory, and the machine description every result file carries.
 
 Timing follows one rule: candidates are measured side by side in one process, in round-robin
 order (each repeat runs every candidate once, the starting candidate rotating), after a
-warm-up, and the median is reported. Ratios to a baseline measured in the same rounds are
-what the benchmarks compare; absolute times depend on the machine's load.
+warm-up, and the median is reported. Ratios to a baseline are the median over rounds of the
+ratio within each round; absolute times depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def round_robin(candidates: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per candidate, measured in rotating round-robin order."""
+def round_robin_samples(candidates: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        warmup: int = 1) -> Dict[str, list]:
+    """Seconds per call of every candidate, one sample per round, in rotating round-robin order."""
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -58,7 +58,21 @@ def round_robin(candidates: Dict[str, Callable[[], object]], device: torch.devic
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             samples[name].append(time_once(candidates[name], device))
+    return samples
+
+
+def round_robin(candidates: Dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                warmup: int = 1) -> Dict[str, float]:
+    """Median seconds per candidate, measured in rotating round-robin order."""
+    samples = round_robin_samples(candidates, device, repeats, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def paired_ratios(samples: Dict[str, list], baseline: str) -> Dict[str, float]:
+    """Median over rounds of (candidate / baseline in the same round): a slow spell of a shared
+    machine that hits one round hits both sides of its ratio."""
+    return {name: statistics.median(t / b for t, b in zip(values, samples[baseline]))
+            for name, values in samples.items()}
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], exclude: tuple = ()) -> int:
