@@ -105,3 +105,27 @@ class CastLog(TorchDispatchMode):
 def relative_error(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def check_inductor_training_matches_eager(*, device="cpu", loss_tol=(1e-5, 0.0), grad_tol=(1e-4, 1e-5)) -> None:
+    """A layer with a standard (dropout), a bat and a mini adapter (every forward op of the
+    library), compiled by inductor; two sequence lengths through one dynamic graph. With
+    fallback_random inductor draws eager's seeds, so loss and gradients equal eager's within
+    (rtol, atol) = loss_tol / grad_tol."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    layer = make_model("mixed", device=device).train().model.layers[0].fc1
+    counter = torch._dynamo.utils.counters
+    counter.clear()
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+        for length in (5, 9):
+            x = torch.randn(3, length, 32, device=device).requires_grad_()
+            torch._dynamo.mark_dynamic(x, 1)
+            eager_loss, eager_grads = loss_and_grads(layer, layer, x)
+            loss, grads = loss_and_grads(layer, compiled, x)
+            torch.testing.assert_close(loss, eager_loss, rtol=loss_tol[0], atol=loss_tol[1])
+            assert_grads_close(grads, eager_grads, rtol=grad_tol[0], atol=grad_tol[1],
+                               what=f"inductor, length {length}")
+    assert counter["stats"]["unique_graphs"] == 1, dict(counter["stats"])

@@ -24,7 +24,14 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
-from integration_helpers import VARIANTS, assert_grads_close, batch, loss_and_grads, make_model
+from integration_helpers import (
+    VARIANTS,
+    assert_grads_close,
+    batch,
+    check_inductor_training_matches_eager,
+    loss_and_grads,
+    make_model,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -100,25 +107,8 @@ def test_compile_under_autocast_matches_eager():
 
 
 def test_inductor_training_with_dropout_and_dynamic_length_matches_eager():
-    """One real inductor run on a layer carrying a standard (dropout), a bat and a mini
-    adapter (every forward op of the library), two sequence lengths through one dynamic
-    graph; with fallback_random inductor draws eager's seeds, so the losses and gradients
-    equal eager's."""
-    inductor_config = pytest.importorskip("torch._inductor.config")
-    model = make_model("mixed").train()
-    layer = model.model.layers[0].fc1
-    counter = torch._dynamo.utils.counters
-    counter.clear()
-    with inductor_config.patch(fallback_random=True):
-        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
-        for length in (5, 9):
-            x = torch.randn(3, length, 32).requires_grad_()
-            torch._dynamo.mark_dynamic(x, 1)
-            eager_loss, eager_grads = loss_and_grads(layer, layer, x)
-            loss, grads = loss_and_grads(layer, compiled, x)
-            torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
-            assert_grads_close(grads, eager_grads, rtol=1e-4, atol=1e-5, what=f"inductor, length {length}")
-    assert counter["stats"]["unique_graphs"] == 1, dict(counter["stats"])
+    pytest.importorskip("torch._inductor.config")
+    check_inductor_training_matches_eager(loss_tol=(1e-5, 0.0), grad_tol=(1e-4, 1e-5))
 
 
 def test_inductor_dropout_is_reproducible_without_fallback_random():

@@ -26,6 +26,7 @@ from integration_helpers import (
     CastLog,
     assert_grads_close,
     batch,
+    check_inductor_training_matches_eager,
     loss_and_grads,
     make_model,
     relative_error,
@@ -106,24 +107,9 @@ def test_direct_ops_under_autocast(dtype_id):
 
 
 def test_inductor_training_with_dropout_and_dynamic_length_matches_eager():
-    """A layer with a standard (dropout), a bat and a mini adapter, compiled by inductor; two
-    sequence lengths through one dynamic graph; fallback_random: eager's seeds, eager's grads."""
-    inductor_config = pytest.importorskip("torch._inductor.config")
+    pytest.importorskip("torch._inductor.config")
     torch._dynamo.reset()
-    model = make_model("mixed", device=DEVICE).train()
-    layer = model.model.layers[0].fc1
-    counter = torch._dynamo.utils.counters
-    counter.clear()
-    with inductor_config.patch(fallback_random=True):
-        compiled = torch.compile(layer, fullgraph=True, backend="inductor")
-        for length in (5, 9):
-            x = torch.randn(3, length, 32, device=DEVICE).requires_grad_()
-            torch._dynamo.mark_dynamic(x, 1)
-            eager_loss, eager_grads = loss_and_grads(layer, layer, x)
-            loss, grads = loss_and_grads(layer, compiled, x)
-            torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-6)
-            assert_grads_close(grads, eager_grads, rtol=1e-3, atol=1e-5, what=f"inductor, length {length}")
-    assert counter["stats"]["unique_graphs"] == 1, dict(counter["stats"])
+    check_inductor_training_matches_eager(device=DEVICE, loss_tol=(1e-4, 1e-6), grad_tol=(1e-3, 1e-5))
     torch._dynamo.reset()
 
 
