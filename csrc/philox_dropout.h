@@ -23,10 +23,6 @@
 
 namespace miss {
 
-struct Philox4x32Out {
-  uint32_t v[4];
-};
-
 // Philox4x32-10 on kLanes independent counters at once, in place: counter[w][l] is word w of
 // lane l; every lane uses the key (k0, k1). Written lane by lane so that a CPU compiler
 // vectorises the lanes (the 32 x 32 -> 64-bit products become vpmuludq); CUDA uses one lane.
@@ -51,13 +47,6 @@ MISS_HOST_DEVICE void philox4x32_10_lanes(uint32_t (&counter)[4][kLanes], uint32
     k0 += kWeyl0;
     k1 += kWeyl1;
   }
-}
-
-MISS_HOST_DEVICE Philox4x32Out philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                             uint32_t k0, uint32_t k1) {
-  uint32_t counter[4][1] = {{c0}, {c1}, {c2}, {c3}};
-  philox4x32_10_lanes<1>(counter, k0, k1);
-  return Philox4x32Out{{counter[0][0], counter[1][0], counter[2][0], counter[3][0]}};
 }
 
 // Everything a kernel needs to apply or regenerate one dropout mask. Built on the host by
@@ -104,24 +93,15 @@ MISS_HOST_DEVICE void dropout_keep_mask(int64_t seed, uint32_t threshold, int64_
   }
 }
 
-// The eight keep bits of columns 8q..8q+7 of row n, bit k for column 8q+k.
+// The eight keep bits of columns 8q..8q+7 of row n, bit k for column 8q+k: the one-group
+// form of dropout_keep_mask (the CUDA kernels' per-element use), so that the CPU kernels, which
+// call the 32-lane form, exercise the same code.
 MISS_HOST_DEVICE uint32_t dropout_keep_bits(int64_t seed, uint32_t threshold, int64_t row,
                                             int64_t column_group) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  const uint64_t n = static_cast<uint64_t>(row);
-  const Philox4x32Out out = philox4x32_10(
-      static_cast<uint32_t>(column_group), static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32),
-      0u, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
+  float keep[kMaskColumnsPerCall];
+  dropout_keep_mask<1>(seed, threshold, row, column_group, keep);
   uint32_t bits = 0;
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int w = 0; w < 4; ++w) {
-    const uint32_t lo = out.v[w] & 0xFFFFu;
-    const uint32_t hi = out.v[w] >> 16;
-    bits |= static_cast<uint32_t>(lo >= threshold) << (2 * w);
-    bits |= static_cast<uint32_t>(hi >= threshold) << (2 * w + 1);
-  }
+  for (int k = 0; k < kMaskColumnsPerCall; ++k) bits |= static_cast<uint32_t>(keep[k] != 0.0f) << k;
   return bits;
 }
 
