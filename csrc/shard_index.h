@@ -23,9 +23,11 @@ MISS_HOST_DEVICE int64_t shard_width(int64_t in, int64_t r, int64_t s) {
 
 // Maps a logical row n of x (leading dims flattened, C order) to its memory offset, for any
 // strides. Leading dims are coalesced on the host first, so a contiguous or transposed-2D x
-// needs one level; kMaxDims bounds what a kernel argument can carry.
+// needs one level. kMaxDims bounds what a kernel argument carries: 25, the most dims torch's
+// own CUDA elementwise kernels take (TensorIterator's MAX_DIMS), so any x that torch can add
+// to can be read in place (408 bytes, far below the 4 KiB a CUDA kernel argument may have).
 struct RowIndexer {
-  static constexpr int kMaxDims = 8;
+  static constexpr int kMaxDims = 25;
   int32_t ndim = 0;
   int64_t sizes[kMaxDims] = {};
   int64_t strides[kMaxDims] = {};

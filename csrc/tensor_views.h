@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "philox_dropout.h"
 #include "shard_index.h"
@@ -23,7 +25,8 @@ inline int64_t num_rows(const at::Tensor& t) {
 inline RowIndexer make_row_indexer(const at::Tensor& t) {
   RowIndexer ix;
   ix.column_stride = t.stride(t.dim() - 1);
-  int64_t sizes[64], strides[64];
+  // At most t.dim() entries: a tensor of any rank is described without overrunning a buffer.
+  std::vector<int64_t> sizes(std::max<int64_t>(t.dim(), 1)), strides(std::max<int64_t>(t.dim(), 1));
   int ndim = 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) {
     if (t.size(d) == 1) continue;
@@ -38,8 +41,9 @@ inline RowIndexer make_row_indexer(const at::Tensor& t) {
   }
   TORCH_CHECK(ndim <= RowIndexer::kMaxDims, "miss: a tensor of shape ", t.sizes(),
               " and strides ", t.strides(), " has ", ndim,
-              " leading dims that cannot be merged; at most ", RowIndexer::kMaxDims,
-              " are supported: call .contiguous() on it first");
+              " leading dims whose strides cannot be merged; at most ", RowIndexer::kMaxDims,
+              " (as torch's own CUDA elementwise ops) are read in place: call .contiguous() on it "
+              "first");
   if (ndim == 0) {  // a single row
     sizes[0] = 1;
     strides[0] = 0;

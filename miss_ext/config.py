@@ -121,22 +121,25 @@ class MissConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def to_json(self) -> bytes:
+        """The adapter_config.json PEFT writes for this config."""
+        values = self.to_dict()
+        values["peft_version"] = _peft_version_written()
+        return (json.dumps(values, indent=2, sort_keys=True) + "\n").encode()
+
     def save_pretrained(self, directory: str) -> str:
         """Writes adapter_config.json atomically; returns its path."""
         from .files import atomic_write_bytes
 
-        values = self.to_dict()
-        values["peft_version"] = _peft_version_written()
         path = os.path.join(directory, CONFIG_NAME)
-        atomic_write_bytes(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(path, self.to_json())
         return path
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "MissConfig":
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!r}")
-        with open(path) as f:
+        from .files import check_config_present
+
+        with open(check_config_present(directory)) as f:
             return cls.from_dict(json.load(f))
 
 

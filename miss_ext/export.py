@@ -13,11 +13,11 @@ the MiSS delta. BAT (``W' = W + W B + B``) depends on W and is not low-rank: no 
 from __future__ import annotations
 
 import json
-import os
+
 import torch
 
-from .config import CONFIG_NAME, _peft_version_written
-from .files import WEIGHTS_NAME, atomic_write_bytes, save_tensors
+from .config import _peft_version_written
+from .files import write_adapter_files
 from .model import BLOCK_KEY, KEY_PREFIX, MissModel
 
 __all__ = ["export_lora", "lora_adapter", "lora_factors"]
@@ -105,15 +105,13 @@ def lora_adapter(miss_model: MissModel, adapter_name: str = "default") -> tuple[
 
 def export_lora(miss_model: MissModel, directory: str, adapter_name: str = "default") -> str:
     """Writes adapter ``adapter_name`` of ``miss_model`` as a PEFT LoRA adapter in ``directory``
-    (``adapter_config.json`` and ``adapter_model.safetensors``, each written atomically, weights
-    first) and returns the directory.
+    (``adapter_config.json`` and ``adapter_model.safetensors``, replaced as a unit) and returns
+    the directory.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` on the un-adapted base model then
     computes what the MiSS adapter computes. A BAT adapter raises ValueError (not low-rank).
     """
     lora_config, tensors = lora_adapter(miss_model, adapter_name)
-    os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, WEIGHTS_NAME), tensors)
     text = json.dumps(lora_config, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(os.path.join(directory, CONFIG_NAME), text.encode())
+    write_adapter_files(directory, text.encode(), tensors)
     return directory

@@ -1,20 +1,35 @@
-"""Adapter files: atomic writes and safe reads.
+"""Adapter files: an adapter directory replaced as a unit, and safe reads.
 
-Every file is written to a temporary name in the same directory, flushed to disk and renamed
-over the target, so a crash mid-save leaves either the old file or the new one, never a
-truncated adapter that loads. Weights are read from safetensors; a legacy adapter_model.bin
-is read only with ``torch.load(weights_only=True)`` (no arbitrary pickles).
+An adapter is two files, ``adapter_config.json`` and ``adapter_model.safetensors``; neither
+means anything without the other. :func:`write_adapter_files` replaces both so that a save
+killed at any moment leaves a directory that loads the old adapter, loads the new one, or is
+refused with a clear error (no adapter_config.json), never new weights with an old config:
+
+1. both files are serialised in memory (nothing on disk changes if that fails), written to
+   temporary names in the directory and flushed to disk;
+2. the old adapter_config.json is removed: from here until step 4 the directory has no config,
+   and every loader (ours, PEFT's) refuses it;
+3. the new weights are renamed over the old ones;
+4. the new config is renamed into place.
+
+Temporaries left by a killed save are removed by the next save into the same directory.
+Weights are read from safetensors; a legacy adapter_model.bin is read only with
+``torch.load(weights_only=True)`` (no arbitrary pickles).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 
 import torch
 
+from .config import CONFIG_NAME
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+_TEMP_SUFFIX = ".tmp"
 
 
 def _umask() -> int:
@@ -23,10 +38,21 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+def _temp_pattern(name: str) -> str:
+    return "." + name + ".*" + _TEMP_SUFFIX
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: str, name: str, data: bytes) -> str:
+    """``data`` in a new temporary file beside ``name``, flushed to disk; returns its path."""
+    fd, temp = tempfile.mkstemp(prefix="." + name + ".", suffix=_TEMP_SUFFIX, dir=directory)
     try:
         # mkstemp creates the file 0600; give it the mode a plain open() would (0666 & ~umask).
         os.fchmod(fd, 0o666 & ~_umask())
@@ -34,19 +60,78 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+    return temp
 
 
-def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes a safetensors file atomically (contiguous CPU copies of the tensors)."""
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replaces one file atomically: the old content or the new, never a truncated file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temp = _write_temp(directory, os.path.basename(path), data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    _fsync_directory(directory)
+
+
+def interrupted_save_leftovers(directory: str) -> list[str]:
+    """Temporary files that a killed adapter save left in ``directory``."""
+    patterns = [os.path.join(directory, _temp_pattern(name)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    return sorted(path for pattern in patterns for path in glob.glob(pattern))
+
+
+def serialize_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file's bytes (contiguous CPU copies of the tensors)."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    atomic_write_bytes(path, data)
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def write_adapter_files(directory: str, config_json: bytes, tensors: dict[str, torch.Tensor]) -> None:
+    """Replaces the adapter in ``directory`` (config and weights) as a unit; see the module doc."""
+    weights = serialize_tensors(tensors)
+    os.makedirs(directory, exist_ok=True)
+    for leftover in interrupted_save_leftovers(directory):
+        os.unlink(leftover)
+    temps = []
+    try:
+        temps.append(_write_temp(directory, WEIGHTS_NAME, weights))
+        temps.append(_write_temp(directory, CONFIG_NAME, config_json))
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if os.path.lexists(config_path):
+            os.unlink(config_path)
+            _fsync_directory(directory)
+        os.replace(temps[0], os.path.join(directory, WEIGHTS_NAME))
+        _fsync_directory(directory)
+        os.replace(temps[1], config_path)
+        _fsync_directory(directory)
+    except BaseException:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.unlink(temp)
+        raise
+
+
+def _config_missing_message(directory: str) -> str:
+    leftovers = interrupted_save_leftovers(directory)
+    if leftovers:
+        return (f"no {CONFIG_NAME} in {directory!r}: a save into it was interrupted (it left "
+                f"{os.path.basename(leftovers[0])}), so the adapter there is incomplete; save it again")
+    return f"no {CONFIG_NAME} in {directory!r}"
+
+
+def check_config_present(directory: str) -> str:
+    """The path of the directory's adapter_config.json; FileNotFoundError that says why not."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(_config_missing_message(directory))
+    return path
 
 
 def load_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -55,8 +140,15 @@ def load_tensors(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(path):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors raises its own SafetensorError, not an OSError
+            raise ValueError(f"{path!r} is not a readable safetensors file ({error}): it may be "
+                             "truncated or not an adapter; save the adapter again") from error
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{legacy!r} cannot be read as a weights-only torch file ({error})") from error
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) in {directory!r}")

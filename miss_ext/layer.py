@@ -40,6 +40,10 @@ def default_block_dtype(weight: Tensor) -> torch.dtype:
 
 def block_shape(variant: str, r: int, mini_r: int, in_features: int, out_features: int) -> tuple:
     """The block's shape for a variant, after checking that the layer allows it."""
+    if out_features < 1:
+        # Refused here, not at the first forward: a [r, 0] block has nothing to train.
+        raise ValueError(f"a MiSS adapter needs out_features >= 1, got a layer with in_features={in_features}, "
+                         f"out_features={out_features}")
     if r > in_features:
         raise ValueError(f"r ({r}) must be less than or equal to in_features ({in_features})")
     if variant == "bat":
@@ -198,7 +202,9 @@ class MissLinear(ActiveAdapters, nn.Module):
             )
         return bats + [n for n in names if n not in bats]
 
-    def _apply(self, weight: Tensor, names: Sequence[str], merge: bool, check_finite: bool = False) -> None:
+    # Not `_apply`: nn.Module._apply is what .to(), .cuda(), .half() ... call on every module.
+    def _merge_blocks_into(self, weight: Tensor, names: Sequence[str], merge: bool,
+                           check_finite: bool = False) -> None:
         with torch.no_grad():
             for name in names:
                 block = self.miss_block[name].detach()
@@ -212,7 +218,7 @@ class MissLinear(ActiveAdapters, nn.Module):
         rehearsed on a copy of the weight)."""
         names = self._merge_order(adapter_names)
         if safe_merge and names:
-            self._apply(self.base_layer.weight.detach().clone(), names, merge=True, check_finite=True)
+            self._merge_blocks_into(self.base_layer.weight.detach().clone(), names, merge=True, check_finite=True)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Merges adapters (default: the active ones) into the base weight, in place.
@@ -228,13 +234,13 @@ class MissLinear(ActiveAdapters, nn.Module):
             warnings.warn(f"adapter(s) {already} are already merged; merging only the others")
         if safe_merge and len(names) > 1:
             self.check_merge(safe_merge, names)  # one adapter's merge_ is already all-or-nothing
-        self._apply(self.base_layer.weight, names, merge=True, check_finite=safe_merge)
+        self._merge_blocks_into(self.base_layer.weight, names, merge=True, check_finite=safe_merge)
         self.merged_adapters.extend(names)
 
     def check_unmerge(self) -> None:
         """Raises what unmerge() would raise (a singular bat block), changing nothing."""
         if any(self.miss_variant[n] == "bat" for n in self.merged_adapters):
-            self._apply(self.base_layer.weight.detach().clone(), self.merged_adapters[::-1], merge=False)
+            self._merge_blocks_into(self.base_layer.weight.detach().clone(), self.merged_adapters[::-1], merge=False)
 
     def unmerge(self) -> None:
         """Undoes every merge, last merged first; on error the weight is unchanged."""
@@ -243,7 +249,7 @@ class MissLinear(ActiveAdapters, nn.Module):
             return
         if len(self.merged_adapters) > 1:
             self.check_unmerge()  # one adapter's unmerge_ is already all-or-nothing
-        self._apply(self.base_layer.weight, self.merged_adapters[::-1], merge=False)
+        self._merge_blocks_into(self.base_layer.weight, self.merged_adapters[::-1], merge=False)
         self.merged_adapters.clear()
 
     def get_delta_weight(self, adapter: str) -> Tensor:

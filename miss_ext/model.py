@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 from typing import Iterator, Optional, Sequence, Union
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from .adapter_names import ActiveAdapters, checked_names
 from .config import MissConfig
-from .files import WEIGHTS_NAME, load_tensors, save_tensors
+from .files import load_tensors, write_adapter_files
 from .layer import MissLinear, block_shape, check_adapter_name
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import find_modules_to_save, find_targets, resolve_target_patterns
@@ -80,6 +81,13 @@ def check_adapter_file(model: nn.Module, config: MissConfig, tensors: dict, dire
     # wrapper-internal names; they duplicate the copy's own keys and are ignored.
     unexpected = [k for k in tensors if k not in expected
                   and not (config.bias == "all" and k.startswith(saved_prefixes) and k.endswith(".bias"))]
+    # A block or bias stored as an integer, bool or complex tensor is a broken file, not
+    # something to cast silently into the model's dtype.
+    not_float = [f"{k}: {tensors[k].dtype}" for k in expected
+                 if k in tensors and tensors[k].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    if not_float:
+        raise ValueError(f"the adapter in {directory!r} has tensors that are not float16/bfloat16/float32/float64: "
+                         f"{not_float[:5]}")
     missing = [k for k in expected if k not in tensors]
     wrong = [f"{k}: file {tuple(tensors[k].shape)}, model {expected[k]}"
              for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
@@ -105,6 +113,10 @@ class MissModel(ActiveAdapters, nn.Module):
                  backend: str = "kernels") -> None:
         super().__init__()
         self.model = model
+        # Trainer, TRL and accelerate keep the batch columns that inspect.signature(
+        # model.forward) names: this instance's forward carries the wrapped model's signature
+        # (through __wrapped__), where the class's forward(*args, **kwargs) names none.
+        self.forward = functools.update_wrapper(functools.partial(type(self).forward, self), model.forward)
         self.peft_config: dict[str, MissConfig] = {}
         self._active_adapters: list[str] = [adapter_name]
         self._backend = backend
@@ -323,19 +335,18 @@ class MissModel(ActiveAdapters, nn.Module):
 
     def save_pretrained(self, directory: str, selected_adapters: Optional[Sequence[str]] = None) -> None:
         """Writes each adapter as PEFT does: "default" in ``directory``, others in
-        ``directory/<name>``; adapter_config.json and adapter_model.safetensors, each written
-        atomically (weights first)."""
+        ``directory/<name>``: adapter_config.json and adapter_model.safetensors, each adapter
+        directory replaced as a unit (a killed save never leaves new weights with an old
+        config; miss_ext/files.py)."""
         names = checked_names(self.peft_config if selected_adapters is None else selected_adapters,
                               self.peft_config, "model")
         for name in names:
             target = directory if name == "default" else os.path.join(directory, name)
-            os.makedirs(target, exist_ok=True)
-            save_tensors(os.path.join(target, WEIGHTS_NAME), self.adapter_state_dict(name))
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
-            config.save_pretrained(target)
+            write_adapter_files(target, config.to_json(), self.adapter_state_dict(name))
 
     def _load_tensors_into(self, adapter_name: str, tensors: dict) -> None:
         config = self.peft_config[adapter_name]

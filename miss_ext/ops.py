@@ -47,9 +47,21 @@ def _rows(t: Tensor):
     return math.prod(t.shape[:-1])
 
 
+# Whether torch.autocast exists for a device type, read once here: it cannot change while
+# the process runs, and torch.compile cannot trace torch._C._is_autocast_available on some
+# torch versions (2.11), while a lookup in this dict traces as a constant.
+_AUTOCAST_AVAILABLE = {
+    device_type: torch._C._is_autocast_available(device_type)
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "meta")
+}
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` lowers to on ``device_type``, or None outside a region."""
-    if not torch._C._is_autocast_available(device_type):
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:  # another backend (privateuse1 ...): asked once, then remembered
+        available = _AUTOCAST_AVAILABLE[device_type] = torch._C._is_autocast_available(device_type)
+    if not available:
         return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -464,6 +476,10 @@ def _register_autocast(op_name: str, positions: tuple, device_type: str) -> None
 for _name, _positions in _AUTOCAST_CAST_ARGS.items():
     for _device_type in _AUTOCAST_DEVICE_TYPES:
         _register_autocast(_name, _positions, _device_type)
+
+# Autograd of the backward ops (double backward) and of the in-place ops: imported for the
+# registrations they make.
+from . import backward_autograd, inplace_autograd  # noqa: E402,F401
 
 
 def op_names() -> Sequence[str]:

@@ -280,8 +280,9 @@ def test_bat_unmerge_of_singular_block_raises_and_keeps_weight(dtype):
     w = rand((12, 8), dtype=dtype, gen=generator(13))
     block = _singular_block(12, 4)
     before = w.clone()
-    with pytest.raises(RuntimeError, match=r"singular or ill-conditioned"):
+    with pytest.raises(RuntimeError, match=r"block\[\d+\] is singular: ") as raised:
         miss_ext.unmerge_(w, block)
+    assert "nan" not in str(raised.value)  # a singular matrix has no condition number to print
     assert torch.equal(w, before)
 
 
@@ -293,7 +294,7 @@ def test_bat_unmerge_of_ill_conditioned_block_raises_and_keeps_weight(delta, dty
     block[2] = torch.zeros(4, 4)
     block[2, 0, 0] = delta - 1.0
     before = w.clone()
-    with pytest.raises(RuntimeError, match=r"block\[2\] is singular or ill-conditioned"):
+    with pytest.raises(RuntimeError, match=r"block\[2\] is ill-conditioned \(1-norm condition number \d"):
         miss_ext.unmerge_(w, block)
     assert torch.equal(w, before)
 

@@ -41,10 +41,13 @@ at::Tensor checked_inverse_of_identity_plus(const at::Tensor& block) {
   const at::Tensor condition_cpu = condition.cpu();
   for (int64_t k = 0; k < block.size(0); ++k) {
     const double c = condition_cpu[k].item<double>();
-    TORCH_CHECK(info_cpu[k].item<int64_t>() == 0 && std::isfinite(c) && c <= kMaxUnmergeCondition,
-                "miss.unmerge_: I + block[", k, "] is singular or ill-conditioned (1-norm condition "
-                "number ", c, ", at most ", kMaxUnmergeCondition,
-                " accepted): the bat merge cannot be undone; weight left unchanged");
+    // A singular matrix has no finite condition number (the inverse is Inf/NaN): say singular.
+    TORCH_CHECK(info_cpu[k].item<int64_t>() == 0 && std::isfinite(c), "miss.unmerge_: I + block[",
+                k, "] is singular: the bat merge cannot be undone; weight left unchanged");
+    TORCH_CHECK(c <= kMaxUnmergeCondition, "miss.unmerge_: I + block[", k,
+                "] is ill-conditioned (1-norm condition number ", c, ", at most ",
+                kMaxUnmergeCondition, " accepted): the bat merge cannot be undone; weight left "
+                "unchanged");
   }
   return inverse.contiguous();
 }

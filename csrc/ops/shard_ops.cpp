@@ -72,6 +72,17 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& block) {
   return result;
 }
 
+// grad_x for a delta-only backward, whose width only in_features gives: an in_features no
+// memory can hold is reported as that argument, not as a bare allocator failure.
+at::Tensor empty_grad_x(const char* op, int64_t rows, int64_t in_features, const at::Tensor& like) {
+  try {
+    return at::empty({rows, in_features}, like.options());
+  } catch (const c10::Error& error) {
+    TORCH_CHECK(false, "miss.", op, ": cannot allocate grad_x of shape [", rows, ", ", in_features,
+                "] for argument 'in_features' (", in_features, "): ", error.what_without_backtrace());
+  }
+}
+
 void check_fold_inputs(const char* op, const char* name, const at::Tensor& x, double p,
                        const OptTensor& seed) {
   check_float_tensor(op, name, x);
@@ -184,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
   }
   const bool has_grad_fold = grad_fold.has_value() && grad_fold->defined();
   if (has_grad_fold) {
+    check_float_tensor(op, "grad_fold", *grad_fold);
     check_same_device(op, "grad_fold", *grad_fold, "grad_out", grad_out);
     TORCH_CHECK(grad_fold->sizes() == fold.sizes(), "miss.", op,
                 ": argument 'grad_fold' must have the shape of 'fold' ", fold.sizes(), ", got ",
@@ -232,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
       if (has_grad_fold) MISS_ROUTE(grad_out, shard_tile, dx2d, grad_fold->to(acc).contiguous(), DropoutParams{}, true);
     } else {
       if (has_grad_fold) g.add_(grad_fold->to(acc));
-      dx2d = has_weight ? at::mm(dy, *weight) : at::empty({rows, in_features}, grad_out.options());
+      dx2d = has_weight ? at::mm(dy, *weight) : empty_grad_x(op, rows, in_features, grad_out);
       MISS_ROUTE(grad_out, shard_tile, dx2d, g, make_dropout_params(p, seed, grad_out), has_weight);
     }
     std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
