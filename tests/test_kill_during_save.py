@@ -123,8 +123,11 @@ def state(directory: str) -> dict:
     """(inode, mtime) of each file, to see the first one replaced or removed."""
     found = {}
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        path = os.path.join(directory, name)
-        found[name] = (os.stat(path).st_ino, os.stat(path).st_mtime_ns) if os.path.exists(path) else None
+        try:
+            info = os.stat(os.path.join(directory, name))
+            found[name] = (info.st_ino, info.st_mtime_ns)
+        except FileNotFoundError:  # removed by the save while we look
+            found[name] = None
     return found
 
 

@@ -278,14 +278,21 @@ def run_in_fresh_process(kind: str, path: str) -> dict:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_saved_adapter_loads_in_a_new_process(variant, tmp_path):
-    """save_pretrained, then a new Python process loads it with miss_ext and with PEFT."""
+    """save_pretrained (and export_lora), then a new Python process loads each with miss_ext
+    and with PEFT."""
     mm = adapted_llama(variant)
     mm.save_pretrained(str(tmp_path / "adapter"))
     expected = M.run(mm, "llama")
-    loaders = ["miss_adapter"] + (["peft_adapter"] if _has("peft") else [])
-    for kind in loaders:
-        result = run_in_fresh_process(kind, str(tmp_path / "adapter"))
-        torch.testing.assert_close(torch.tensor(result["output"]), expected, rtol=1e-5, atol=1e-6, msg=kind)
+    saved = [("miss_adapter", "adapter")]
+    if _has("peft"):
+        saved.append(("peft_adapter", "adapter"))
+        if variant != "bat":  # the exact LoRA export: standard and mini only
+            miss_ext.export_lora(mm, str(tmp_path / "lora"))
+            saved.append(("peft_adapter", "lora"))
+    for kind, name in saved:
+        result = run_in_fresh_process(kind, str(tmp_path / name))
+        torch.testing.assert_close(torch.tensor(result["output"]), expected, rtol=1e-5, atol=1e-6,
+                                   msg=f"{name} loaded by {kind}")
 
 
 def _has(module: str) -> bool:

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs the CPU test suite against another torch: a virtualenv with that torch, miss_ext built
+# (CPU kernels only) from a clean copy of this checkout and installed into it like a user's
+# pip install, and pytest started outside the checkout so that the installed package is the
+# one tested. CI runs it for torch 2.11.0, the version of the GPU machine.
+#
+#   scripts/test_other_torch.sh 2.11.0 [pytest args...]
+#
+# Environment:
+#   MISS_OTHER_VENV   the virtualenv (default: <repo>/.venv-torch<version>); reused when present
+#   PYTHON            interpreter for a new virtualenv (default: python3)
+#   MAX_JOBS          parallel compile jobs (default 2)
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: $0 TORCH_VERSION [pytest args...]" >&2
+  exit 2
+fi
+torch_version="$1"
+shift
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${MISS_OTHER_VENV:-$repo/.venv-torch$torch_version}"
+start=$SECONDS
+say() { echo "[other-torch $torch_version +$((SECONDS - start))s] $*"; }
+
+quiet_pip() {
+  python -m pip --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+}
+
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtualenv $venv"
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+say "installing torch==$torch_version and the test dependencies"
+# This machine's pip configuration caps torch at the versions on its disk; the cap is lifted
+# for this one install (PIP_CONSTRAINT=), never in the configuration itself.
+PIP_CONSTRAINT="" quiet_pip install -q "torch==$torch_version" ninja packaging "setuptools>=77" wheel \
+  pytest numpy expecttest hypothesis peft safetensors transformers
+python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(v != sys.argv[1] and f'torch {torch.__version__} is installed, not {sys.argv[1]}')" "$torch_version"
+
+# A clean copy (tracked and untracked-but-not-ignored files): no build/ or _C*.so from a build
+# against another torch can leak into this one.
+work="$(mktemp -d "${TMPDIR:-/tmp}/miss-other-torch.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+(cd "$repo" && git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$work")
+say "building miss_ext (CPU kernels) against torch $(python -c 'import torch; print(torch.__version__)')"
+FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" quiet_pip install -q --no-build-isolation --no-deps "$work"
+mkdir "$work/run"
+cd "$work/run"  # neither the checkout nor the copy: tests import the installed miss_ext
+python -c "import miss_ext, os; print('[other-torch] testing', os.path.dirname(miss_ext.__file__))"
+say "running the test suite"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+python -m pytest "$work/tests" -q -p no:cacheprovider "$@"
+say "done"
