@@ -3,6 +3,10 @@
 CUDA is built when torch has CUDA and a toolkit is found (CUDA_HOME), or when FORCE_CUDA=1
 (no GPU is needed to compile; set TORCH_CUDA_ARCH_LIST then, e.g. "8.0;9.0"). FORCE_CUDA=0
 builds CPU only. MAX_JOBS bounds parallel compile jobs (ninja).
+
+MISS_WITH_EMULATOR=1 also builds the CUDA emulator and torch.ops.miss_emulated_cuda (the CUDA
+kernels compiled for the host and run under a race detector, csrc/emulator/): for the test
+suite (scripts/setup_env.sh and CI set it), not for users' installs.
 """
 
 import glob
@@ -41,10 +45,20 @@ def cuda_include_dirs() -> list:
     return dirs
 
 
+def want_emulator() -> bool:
+    flag = os.environ.get("MISS_WITH_EMULATOR", "0")
+    if flag not in ("0", "1"):
+        raise RuntimeError(f"MISS_WITH_EMULATOR must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp at compile AND link time: without it at::parallel_for runs on one thread.
     cxx = ["-O3", "-fopenmp", "-DMISS_PYTHON_MODULE"]
+    if want_emulator():
+        sources += sorted(glob.glob("csrc/emulator/*.cpp"))
+        cxx.append("-DMISS_WITH_EMULATOR")
     link = ["-fopenmp"]
     if not want_cuda():
         return CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx},
@@ -54,7 +68,7 @@ def extension():
         include_dirs = cuda_include_dirs()
     except ImportError:
         pass
-    nvcc = ["-O3", "-lineinfo", "-DMISS_WITH_CUDA"]
+    nvcc = ["-O3", "-lineinfo", "-DMISS_WITH_CUDA"] + (["-DMISS_WITH_EMULATOR"] if want_emulator() else [])
     return CUDAExtension(
         "miss_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),

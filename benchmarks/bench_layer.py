@@ -263,6 +263,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip ours on the reference backend (the slowest candidate)")
     parser.add_argument("--no-merge", dest="merge", action="store_false")
+    parser.add_argument("--save-each-case", action="store_true",
+                        help="rewrite the JSON and markdown after every case, marked partial until the last, "
+                             "so a run cut short (a timeout, a lease ending) keeps the cases that finished")
     parser.add_argument("--no-x-grad", dest="x_grad", action="store_false",
                         help="x does not require grad (the first adapted layer of a network): no dx GEMM, "
                              "the frozen Linear's fwd+bwd is its forward. For bf16 on CPUs without AVX-512 "
@@ -273,19 +276,31 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, info = harness.start_run(args)
+    name = args.name or f"layer_{device.type}_{args.tokens}x{args.in_features}x{args.out_features}_r{args.r}"
     rows, merges = [], []
+
+    def save(complete: bool):
+        payload = {"machine": info, "args": vars(args), "rows": rows, "merge": merges}
+        markdown = to_markdown(info, args, rows, merges)
+        if args.save_each_case:
+            payload["complete"] = complete
+            if not complete:
+                markdown = "> **Partial**: the run has not finished (or was cut short); cases so far.\n\n" + markdown
+        return markdown, harness.write_results(name, payload, markdown, args.out_dir)
+
     for mode in args.dtypes.split(","):
         for variant in args.variants.split(","):
             dropouts = [0.0] if variant == "bat" else [float(p) for p in args.dropouts.split(",")]
             for p in dropouts:
                 print(f"[bench_layer] {mode} {variant} dropout={p}", flush=True)
                 rows += measure_case(args, variant, p, mode, device)
+                if args.save_each_case:
+                    save(complete=False)
             if args.merge:
                 merges += measure_merge(args, variant, mode, device)
-    markdown = to_markdown(info, args, rows, merges)
-    name = args.name or f"layer_{device.type}_{args.tokens}x{args.in_features}x{args.out_features}_r{args.r}"
-    json_path, md_path = harness.write_results(
-        name, {"machine": info, "args": vars(args), "rows": rows, "merge": merges}, markdown, args.out_dir)
+                if args.save_each_case:
+                    save(complete=False)
+    markdown, (json_path, md_path) = save(complete=True)
     print(markdown)
     print(f"wrote {json_path} and {md_path}")
     return 0

@@ -146,15 +146,20 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def _write_atomically(path: str, text: str) -> None:
+    """Written beside, then renamed over: a run killed mid-write (a timeout) leaves the previous
+    complete file, never a truncated one."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULTS) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, name + ".json")
     md_path = os.path.join(out_dir, name + ".md")
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    with open(md_path, "w") as f:
-        f.write(markdown)
+    _write_atomically(json_path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    _write_atomically(md_path, markdown)
     return json_path, md_path
 
 

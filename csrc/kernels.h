@@ -45,14 +45,37 @@ namespace cuda {
 MISS_DECLARE_KERNELS
 }
 #endif
+#ifdef MISS_WITH_EMULATOR
+// The CUDA kernels compiled for the host and run under the emulator (csrc/emulator/).
+namespace emulated_cuda {
+MISS_DECLARE_KERNELS
+}
+// True while an op of the miss_emulated_cuda namespace runs on this thread: its body then
+// takes every decision as for CUDA, and its kernels run under the emulator.
+bool emulating_cuda();
+#else
+inline bool emulating_cuda() { return false; }
+#endif
+
+// Whether a decision about `t` is to be taken as for CUDA: a CUDA tensor, or any tensor of
+// an emulated-CUDA op.
+inline bool on_cuda_path(const at::Tensor& t) { return t.is_cuda() || emulating_cuda(); }
 }  // namespace miss
 
 #undef MISS_DECLARE_KERNELS
 
-// Calls miss::cuda::NAME or miss::cpu::NAME by the device of TENSOR.
-#ifdef MISS_WITH_CUDA
-#define MISS_ROUTE(TENSOR, NAME, ...) \
-  ((TENSOR).is_cuda() ? ::miss::cuda::NAME(__VA_ARGS__) : ::miss::cpu::NAME(__VA_ARGS__))
+// Calls the kernel NAME of the device that `TENSOR`'s op runs on: miss::cuda, the emulated
+// CUDA device, or miss::cpu.
+#if defined(MISS_WITH_EMULATOR)
+#define MISS_ROUTE_EMULATED(NAME, ...) ::miss::emulating_cuda() ? ::miss::emulated_cuda::NAME(__VA_ARGS__) :
 #else
-#define MISS_ROUTE(TENSOR, NAME, ...) (::miss::cpu::NAME(__VA_ARGS__))
+#define MISS_ROUTE_EMULATED(NAME, ...)
+#endif
+#ifdef MISS_WITH_CUDA
+#define MISS_ROUTE(TENSOR, NAME, ...)                                         \
+  (MISS_ROUTE_EMULATED(NAME, __VA_ARGS__)(TENSOR).is_cuda() ? ::miss::cuda::NAME(__VA_ARGS__) \
+                                                             : ::miss::cpu::NAME(__VA_ARGS__))
+#else
+#define MISS_ROUTE(TENSOR, NAME, ...) \
+  (MISS_ROUTE_EMULATED(NAME, __VA_ARGS__)((void)(TENSOR), ::miss::cpu::NAME(__VA_ARGS__)))
 #endif

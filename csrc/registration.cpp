@@ -6,7 +6,7 @@
 // Block: standard [r, out], mini [r, mini_r], bat [out / r, r, r].
 // Dropout: p in [0, 1] and a one-element int64 seed tensor (needed when p > 0); the mask is
 // a function of (seed, row, column) only (csrc/philox_dropout.h), so backward regenerates it.
-#include <torch/library.h>
+#include "registration.h"
 
 #include "ops/ops.h"
 
@@ -21,7 +21,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 #endif
 
-TORCH_LIBRARY(miss, m) {
+namespace miss {
+
+void define_schemas(torch::Library& m) {
   // fold[n, c] = sum over i % r == c of drop(x)[n, i], float32 [N, r].
   m.def("shard_fold(Tensor x, int r, float p=0., Tensor? seed=None) -> Tensor");
   // grad_x + drop(n, i) * g[n, i % r]: the adjoint of shard_fold added to grad_x.
@@ -59,6 +61,10 @@ TORCH_LIBRARY(miss, m) {
   // The inverse of merge_; a bat unmerge refuses a singular or ill-conditioned I + B_k.
   m.def("unmerge_(Tensor(a!) weight, Tensor block) -> ()");
 }
+
+}  // namespace miss
+
+TORCH_LIBRARY(miss, m) { miss::define_schemas(m); }
 
 #define MISS_REGISTER_KERNELS(m)                             \
   m.impl("shard_fold", &miss::shard_fold);                   \

@@ -9,6 +9,8 @@
 #                      CUDA when torch has CUDA and a toolkit is found (/usr/local/cuda here)
 #   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default "8.0;9.0" when unset)
 #   MAX_JOBS           parallel compile jobs (default 2)
+#   MISS_WITH_EMULATOR 1 (default here): also build the CUDA emulator the test suite runs the
+#                      CUDA kernels under (torch.ops.miss_emulated_cuda); 0: without it
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +40,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
+export MISS_WITH_EMULATOR="${MISS_WITH_EMULATOR:-1}"
 
 # The build takes minutes: skip it when this checkout's extension is already built, imports,
 # and is newer than every source (delete miss_ext/_C*.so to force a rebuild).
@@ -46,7 +49,7 @@ if [ -n "$built" ] && [ -z "$(find "$repo/csrc" "$repo/setup.py" -newer "$built"
    && python -c "import os, sys, miss_ext; sys.exit(os.path.dirname(miss_ext.__file__) != os.path.join(sys.argv[1], 'miss_ext'))" "$repo" 2>/dev/null; then
   echo "[setup] miss_ext is up to date ($(basename "$built")); not rebuilding"
 else
-  echo "[setup] building miss_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, CUDA_HOME=${CUDA_HOME:-none})"
+  echo "[setup] building miss_ext (FORCE_CUDA=${FORCE_CUDA:-auto}, CUDA_HOME=${CUDA_HOME:-none}, MISS_WITH_EMULATOR=$MISS_WITH_EMULATOR)"
   start=$(date +%s)
   quiet_pip install -q --no-build-isolation --no-deps -e "$repo"
   echo "[setup] built in $(( $(date +%s) - start )) s"

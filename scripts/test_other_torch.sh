@@ -45,8 +45,8 @@ python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(v !=
 work="$(mktemp -d "${TMPDIR:-/tmp}/miss-other-torch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 (cd "$repo" && git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$work")
-say "building miss_ext (CPU kernels) against torch $(python -c 'import torch; print(torch.__version__)')"
-FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" quiet_pip install -q --no-build-isolation --no-deps "$work"
+say "building miss_ext (CPU kernels and the CUDA emulator) against torch $(python -c 'import torch; print(torch.__version__)')"
+FORCE_CUDA=0 MISS_WITH_EMULATOR=1 MAX_JOBS="${MAX_JOBS:-2}" quiet_pip install -q --no-build-isolation --no-deps "$work"
 mkdir "$work/run"
 cd "$work/run"  # neither the checkout nor the copy: tests import the installed miss_ext
 python -c "import miss_ext, os; print('[other-torch] testing', os.path.dirname(miss_ext.__file__))"

@@ -1,0 +1,214 @@
+// The thin layer between the CUDA kernels (csrc/cuda/*.cuh) and where they run. Under nvcc
+// it is the real thing: __global__, threadIdx, __syncthreads, __shared__, atomics, raw
+// pointers, <<<>>> launches on the current stream. Compiled by the host compiler with
+// MISS_EMULATE_CUDA (csrc/emulator/), the same kernel source runs under the emulator of
+// csrc/emulator/emulator.h: pointers become checked pointers, threads fibers, barriers the
+// emulator's, shared arrays per emulated block.
+//
+// The kernels and their launchers are written once, in namespace MISS_CUDA_NAMESPACE:
+// miss::cuda for the GPU build, miss::emulated_cuda for the emulated one.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#ifdef MISS_EMULATE_CUDA
+#include "../emulator/emulator.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace miss {
+namespace device {
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Pack {
+  scalar_t v[kVec];
+};
+
+#ifndef MISS_EMULATE_CUDA  // ---------------------------------------------- the GPU ----------
+
+#define MISS_GLOBAL __global__
+#define MISS_DEVICE __device__ __forceinline__
+#define MISS_RESTRICT __restrict__
+#define MISS_SYNC_THREADS() __syncthreads()
+#define MISS_SHARED_ARRAY(type, name, count) __shared__ type name[count]
+
+template <typename T>
+using gptr = T*;
+
+template <int kVec, typename T>
+MISS_DEVICE Pack<std::remove_const_t<T>, kVec> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<std::remove_const_t<T>, kVec>*>(p);
+}
+template <int kVec, typename T>
+MISS_DEVICE void store_pack(T* p, const Pack<T, kVec>& pack) {
+  *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
+}
+MISS_DEVICE void atomic_store(int* p, int value) { atomicExch(p, value); }
+MISS_DEVICE bool is_finite(double v) { return isfinite(v); }
+
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// The pointer a kernel gets for a tensor it reads, writes or both.
+template <typename T>
+const T* input(const at::Tensor& t, const char*) { return t.const_data_ptr<T>(); }
+template <typename T>
+T* output(at::Tensor& t, const char*) { return t.data_ptr<T>(); }
+template <typename T>
+T* inout(at::Tensor& t, const char*) { return t.data_ptr<T>(); }
+template <typename T>
+T* output_raw(T* p, int64_t, const char*) { return p; }
+
+#define MISS_DEVICE_GUARD(tensor) const at::cuda::CUDAGuard miss_device_guard((tensor).device())
+#define MISS_LAUNCH(kernel, grid, threads, ...)                                                 \
+  do {                                                                                        \
+    kernel<<<(grid), (threads), 0, at::cuda::getCurrentCUDAStream().stream()>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
+  } while (0)
+
+#else  // ------------------------------------------------------------------ the emulator ------
+
+#define MISS_GLOBAL
+#define MISS_DEVICE inline
+#define MISS_RESTRICT
+#define MISS_SYNC_THREADS() ::miss::emu::sync_threads()
+#define MISS_SHARED_ARRAY(type, name, count)                                                \
+  ::miss::device::gptr<type> name(static_cast<type*>(                                      \
+      ::miss::emu::shared_array(#name, sizeof(type) * (count), sizeof(type))))
+
+#define threadIdx (::miss::emu::current().threadIdx)
+#define blockIdx (::miss::emu::current().blockIdx)
+#define blockDim (::miss::emu::current().blockDim)
+#define gridDim (::miss::emu::current().gridDim)
+
+// An element of device memory: every read and write goes through the emulator's checks.
+template <typename T>
+class Ref {
+  using Value = std::remove_const_t<T>;
+  T* p_;
+
+ public:
+  explicit Ref(T* p) : p_(p) {}
+  Value load() const {
+    Value v{};
+    if (emu::access(p_, sizeof(T), false, false)) std::memcpy(&v, p_, sizeof(T));
+    return v;
+  }
+  operator Value() const { return load(); }
+  template <typename U, std::enable_if_t<!std::is_same_v<U, Value>, int> = 0>
+  explicit operator U() const {
+    return static_cast<U>(load());
+  }
+  const Ref& operator=(const Value& v) const {
+    if (emu::access(p_, sizeof(T), true, false)) *p_ = v;
+    return *this;
+  }
+  const Ref& operator=(const Ref& other) const { return *this = other.load(); }
+  template <typename U>
+  const Ref& operator+=(const U& v) const {
+    return *this = static_cast<Value>(load() + v);
+  }
+};
+
+// A device pointer: arithmetic as a raw pointer's, element access through Ref.
+template <typename T>
+class gptr {
+  T* p_;
+
+ public:
+  gptr(T* p = nullptr) : p_(p) {}  // NOLINT: as implicit as a raw pointer
+  template <typename U, std::enable_if_t<std::is_same_v<const U, T>, int> = 0>
+  gptr(const gptr<U>& other) : p_(other.raw()) {}  // T* -> const T*
+  T* raw() const { return p_; }
+  gptr operator+(int64_t i) const { return gptr(p_ + i); }
+  gptr operator-(int64_t i) const { return gptr(p_ - i); }
+  Ref<T> operator[](int64_t i) const { return Ref<T>(p_ + i); }
+  Ref<T> operator*() const { return Ref<T>(p_); }
+};
+
+template <int kVec, typename T>
+Pack<std::remove_const_t<T>, kVec> load_pack(gptr<T> p) {
+  Pack<std::remove_const_t<T>, kVec> pack{};
+  if (!emu::check_alignment(p.raw(), sizeof(pack))) return pack;
+  for (int k = 0; k < kVec; ++k) pack.v[k] = p[k].load();
+  return pack;
+}
+template <int kVec, typename T>
+void store_pack(gptr<T> p, const Pack<T, kVec>& pack) {
+  if (!emu::check_alignment(p.raw(), sizeof(pack))) return;
+  for (int k = 0; k < kVec; ++k) p[k] = pack.v[k];
+}
+inline void atomic_store(gptr<int> p, int value) {
+  if (emu::access(p.raw(), sizeof(int), true, true)) *p.raw() = value;
+}
+inline bool is_finite(double v) { return std::isfinite(v); }
+
+inline int sm_count() { return emu::config().sm_count; }
+
+// Bytes from t's data pointer to one past its last element (any strides, none negative).
+inline size_t extent_bytes(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return static_cast<size_t>(last + 1) * t.element_size();
+}
+
+template <typename T>
+gptr<const T> input(const at::Tensor& t, const char* name) {
+  emu::register_buffer(t.const_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInput, name);
+  return gptr<const T>(t.const_data_ptr<T>());
+}
+template <typename T>
+gptr<T> output(at::Tensor& t, const char* name) {
+  emu::register_buffer(t.data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kOutput, name);
+  return gptr<T>(t.data_ptr<T>());
+}
+template <typename T>
+gptr<T> inout(at::Tensor& t, const char* name) {
+  emu::register_buffer(t.data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInOut, name);
+  return gptr<T>(t.data_ptr<T>());
+}
+template <typename T>
+gptr<T> output_raw(T* p, int64_t count, const char* name) {
+  emu::register_buffer(p, sizeof(T) * count, sizeof(T), emu::Role::kOutput, name);
+  return gptr<T>(p);
+}
+
+inline emu::Dim3 as_dim3(unsigned int x) { return emu::Dim3{x, 1, 1}; }
+inline emu::Dim3 as_dim3(int x) { return emu::Dim3{static_cast<unsigned int>(x), 1, 1}; }
+
+#define MISS_DEVICE_GUARD(tensor) ((void)(tensor))
+#define MISS_LAUNCH(kernel, grid, threads, ...)                                                \
+  ::miss::emu::launch(#kernel, ::miss::device::as_dim3(grid), ::miss::device::as_dim3(threads), \
+                      [&] { kernel(__VA_ARGS__); })
+
+#endif
+
+constexpr int kThreads = 256;
+
+// Enough blocks to fill the GPU a few times over; grid-stride loops cover the rest, so no
+// element count overflows a 32-bit grid dimension.
+inline unsigned int blocks_for(int64_t elements) {
+  const int64_t needed = (elements + kThreads - 1) / kThreads;
+  const int64_t cap = int64_t{32} * sm_count();
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, cap)));
+}
+
+}  // namespace device
+}  // namespace miss
+
+// Grid-stride loop over [0, n) with a 64-bit index.
+#define MISS_GRID_STRIDE_LOOP(index, n)                                                   \
+  for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;     \
+       index < (n); index += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+#define MISS_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

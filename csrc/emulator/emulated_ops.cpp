@@ -1,0 +1,96 @@
+// torch.ops.miss_emulated_cuda: every miss op, with the same schema, run on CPU tensors as
+// if they were CUDA tensors. The op bodies of csrc/ops/ are the ones torch.ops.miss runs;
+// while one runs here, emulating_cuda() is true, so every routing decision (MISS_ROUTE,
+// on_cuda_path) goes the CUDA way and the CUDA kernels run under the emulator, with its race,
+// bounds and never-written checks. Tests compare these ops with torch.ops.miss on the CPU
+// and with the float64 reference (tests/test_emulated_cuda.py).
+//
+// Also here: configure(seed, detect_races, sm_count, preempt), launch_log(clear) and
+// planted_bug(out, kind), kernels with a known bug that prove the checks can fail.
+#include <torch/library.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../kernels.h"
+#include "../ops/ops.h"
+#include "../registration.h"
+#include "emulator.h"
+
+namespace miss {
+namespace {
+
+thread_local bool emulating = false;
+
+class EmulatingCuda {
+ public:
+  EmulatingCuda() : previous_(emulating) { emulating = true; }
+  ~EmulatingCuda() { emulating = previous_; }
+
+ private:
+  bool previous_;
+};
+
+template <typename F, F f>
+struct Emulated;
+
+template <typename R, typename... Args, R (*f)(Args...)>
+struct Emulated<R (*)(Args...), f> {
+  static R call(Args... args) {
+    const EmulatingCuda scope;
+    return f(std::forward<Args>(args)...);
+  }
+};
+
+#define MISS_EMULATED(name) &::miss::Emulated<decltype(&::miss::name), &::miss::name>::call
+
+void configure(int64_t seed, bool detect_races, int64_t sm_count, double preempt) {
+  TORCH_CHECK(sm_count >= 1, "miss_emulated_cuda.configure: argument 'sm_count' must be >= 1, got ", sm_count);
+  TORCH_CHECK(preempt >= 0 && preempt <= 1, "miss_emulated_cuda.configure: argument 'preempt' must be in [0, 1], got ",
+              preempt);
+  emu::Config& c = emu::config();
+  c.seed = static_cast<uint64_t>(seed);
+  c.detect_races = detect_races;
+  c.sm_count = static_cast<int>(sm_count);
+  c.preempt = preempt;
+}
+
+std::vector<std::string> launch_log(bool clear) {
+  std::vector<std::string> log = emu::launch_log();
+  if (clear) emu::launch_log().clear();
+  return log;
+}
+
+}  // namespace
+
+bool emulating_cuda() { return emulating; }
+
+void planted_bug(at::Tensor& out, const std::string& kind);  // test_kernels.cpp
+
+}  // namespace miss
+
+TORCH_LIBRARY(miss_emulated_cuda, m) {
+  miss::define_schemas(m);
+  // No tensor arguments, so no dispatch key: defined with their function (every key).
+  m.def("configure(int seed=0, bool detect_races=True, int sm_count=4, float preempt=0.125) -> ()",
+        &miss::configure);
+  m.def("launch_log(bool clear=False) -> str[]", &miss::launch_log);
+  m.def("planted_bug(Tensor(a!) out, str kind) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(miss_emulated_cuda, CPU, m) {
+  m.impl("shard_fold", MISS_EMULATED(shard_fold));
+  m.impl("shard_tile_add", MISS_EMULATED(shard_tile_add));
+  m.impl("shard_linear", MISS_EMULATED(shard_linear));
+  m.impl("shard_delta_add", MISS_EMULATED(shard_delta_add));
+  m.impl("shard_linear_backward", MISS_EMULATED(shard_linear_backward));
+  m.impl("bat_weight", MISS_EMULATED(bat_weight));
+  m.impl("bat_block_grad", MISS_EMULATED(bat_block_grad));
+  m.impl("bat_weight_grad", MISS_EMULATED(bat_weight_grad));
+  m.impl("bat_linear", MISS_EMULATED(bat_linear));
+  m.impl("bat_linear_backward", MISS_EMULATED(bat_linear_backward));
+  m.impl("merge_", MISS_EMULATED(merge_));
+  m.impl("unmerge_", MISS_EMULATED(unmerge_));
+  m.impl("planted_bug", &miss::planted_bug);
+}

@@ -1,0 +1,76 @@
+// An emulator of the CUDA execution model, for running this project's CUDA kernels on the
+// CPU in CI (no GPU has been lent to the project). The kernel source is the one nvcc
+// compiles (csrc/cuda/*.cuh); csrc/cuda/device_api.cuh maps its thread indices, barriers,
+// shared memory, atomics and pointers onto this file when the host compiler builds it.
+//
+// What it does:
+// - runs a launch's grid block by block (in a seeded random order), the threads of a block
+//   as fibers that really interleave: the scheduler picks a random runnable thread, which
+//   runs until a barrier, its end, or a random preemption at a memory access;
+// - checks every global and shared memory access of the kernel: against the extents of the
+//   buffers the launch passed (out of bounds), against writes never made (a read of an output
+//   element or shared slot that nothing wrote), and against the accesses of other threads: two
+//   threads touching one element, at least one writing, with no barrier between them (threads
+//   of different blocks are never ordered within a launch) and not both atomically, is a race.
+// The first problem is reported, after the launch, as an error that names the kernel, the
+// buffer and element, and the two threads.
+//
+// What it cannot see: warp-level timing and scheduling (threads interleave at arbitrary
+// points, not in warps of 32), the memory model's weaker orderings (every access here is
+// sequentially consistent), bank conflicts, occupancy, and anything inside cuBLAS / ATen.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace miss {
+namespace emu {
+
+struct Dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+};
+
+// The built-in variables of the emulated thread that is running.
+struct ThreadContext {
+  Dim3 threadIdx, blockIdx, blockDim, gridDim;
+};
+ThreadContext& current();
+
+enum class Role { kInput, kOutput, kInOut };
+
+struct Config {
+  uint64_t seed = 0;          // schedules (thread order, preemptions, block order) derive from it
+  bool detect_races = true;   // every access checked; off, only bounds are
+  int sm_count = 4;           // what kernels read as multiProcessorCount (grid sizing)
+  double preempt = 0.125;     // probability that a thread yields at a memory access
+};
+Config& config();
+
+// One line per launch since the last clear: "kernel grid=(x,y,z) block=(x,y,z)".
+std::vector<std::string>& launch_log();
+
+// Declares a buffer the next launch may access: [base, base + bytes), elements of
+// element_size bytes. Outputs start unwritten: reading an element before a write is an error.
+void register_buffer(const void* base, size_t bytes, size_t element_size, Role role, const char* name);
+
+// Checks (and records) one access of `bytes` at `address`. False: the access is out of
+// bounds and must not be performed (the launch then fails with that error).
+bool access(const void* address, size_t bytes, bool write, bool atomic);
+
+// Checks a vector access: `address` must be aligned to `bytes`, as the hardware requires.
+bool check_alignment(const void* address, size_t bytes);
+
+// The block's shared array `name` (the same memory for every thread of the block).
+void* shared_array(const char* name, size_t bytes, size_t element_size);
+
+void sync_threads();
+
+// Runs `body` once per thread of a grid x block launch and then raises the first problem
+// found, if any. The buffers registered since the previous launch belong to this one.
+void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void()>& body);
+
+}  // namespace emu
+}  // namespace miss

@@ -1,0 +1,252 @@
+"""The CUDA path of every op, run in CI without a GPU: torch.ops.miss_emulated_cuda runs the
+op bodies with every decision taken as for CUDA and the CUDA kernels (the source nvcc
+compiles) under the emulator of csrc/emulator/, which reports races, out-of-bounds accesses
+and reads of never-written memory. Each result is compared with the CPU kernels and the
+float64 reference (the suite's 2x rule, conftest.assert_close_to_oracle); dropout masks bit
+for bit. The planted bugs prove that each check of the emulator can fail.
+
+Needs a build with MISS_WITH_EMULATOR=1 (scripts/setup_env.sh and CI set it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import miss_ext  # noqa: F401  (loads the op library)
+from miss_ext import reference
+
+from conftest import assert_close_to_oracle, bat_block, generator, make_x, rand, ref_shard_tile_add, seed_tensor
+
+if not hasattr(torch.ops, "miss_emulated_cuda") or not hasattr(torch.ops.miss_emulated_cuda, "shard_fold"):
+    pytest.skip("miss_ext was built without the CUDA emulator (MISS_WITH_EMULATOR=1)", allow_module_level=True)
+
+EMU = torch.ops.miss_emulated_cuda
+CPU = torch.ops.miss
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPE_IDS = ("fp32", "fp16", "bf16", "fp64")
+RANKS = (1, 3, 32, 64, 127, 128, 129, 192, 255, 256, 300)
+P = 0.3
+
+
+@pytest.fixture(autouse=True, params=[0, 1], ids=["schedule0", "schedule1"])
+def emulator_schedule(request):
+    """Two thread schedules per test; 2 SMs, so grid-stride loops take several turns."""
+    EMU.configure(seed=request.param, detect_races=True, sm_count=2, preempt=0.125)
+    yield
+    EMU.configure()
+
+
+def check(emulated, cpu, oracle, what):
+    """The emulated CUDA result within twice the CPU kernels' error of the float64 oracle."""
+    assert emulated.dtype == cpu.dtype and emulated.shape == cpu.shape, what
+    assert_close_to_oracle(emulated, oracle, cpu, what=what)
+
+
+# ---------------------------------------------------------------------------------------
+# The emulator's own checks can fail
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("write_write", r"race: thread \d+ of block 0 writes 'out'\[0\], which thread \d+ of block 0 wrote"),
+    ("across_blocks", r"race: thread \d+ of block \d writes 'out'\[\d+\], which thread \d+ of block \d wrote"),
+    # Depending on the schedule the neighbour's slot is found unwritten or written unordered.
+    ("missing_barrier", r"shared 'staged'\[\d+\](, which nothing has written|.* with no barrier between them)"),
+    ("out_of_bounds", r"out-of-bounds write of 4 bytes"),
+    ("unwritten_shared", r"reads shared 'staged'\[0\], which nothing has written"),
+    ("partial_output", r"leaves 'out'\[256\] of its output unwritten"),
+    ("divergent_barrier", r"barrier divergence in block 0: 128 threads wait"),
+    ("misaligned", r"misaligned 16-byte vector access"),
+])
+def test_planted_bug_is_reported(kind, message):
+    with pytest.raises(RuntimeError, match=message):
+        EMU.planted_bug(torch.zeros(512), kind)
+
+
+def test_launch_log_names_every_kernel():
+    EMU.launch_log(clear=True)
+    x = rand((3, 10))
+    EMU.shard_linear(x, rand((8, 10)), None, rand((4, 2)), 0.0, None)
+    log = EMU.launch_log(clear=True)
+    assert [line.split()[0] for line in log] == ["shard_fold_kernel<scalar_t>", "update_rows_kernel<kVec>"]
+    assert "block=(256,1,1)" in log[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Standard / mini
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("p", [0.0, P], ids=["no_dropout", "dropout"])
+def test_shard_fold(r, dtype, p):
+    """Every r around the block size (the fold kernel's lanes and groups) and in % r != 0."""
+    in_features = 2 * r + 1
+    x = make_x((3,), in_features, dtype=dtype, gen=generator(r))
+    seed = seed_tensor(r) if p else None
+    emulated = EMU.shard_fold(x, r, p, seed)
+    oracle = reference.shard_fold(x.double(), r, p, seed)
+    check(emulated, CPU.shard_fold(x, r, p, seed), oracle, f"fold r={r}")
+
+
+@pytest.mark.parametrize("layout,lead", [("transposed", (5,)), ("transposed3d", (2, 3)), ("step2", (4,)),
+                                         ("col_offset", (4,)), ("row_offset", (3, 2))])
+def test_shard_fold_strided_x(layout, lead):
+    x = make_x(lead, 70, layout=layout, gen=generator(3))
+    check(EMU.shard_fold(x, 32, P, seed_tensor(4)), CPU.shard_fold(x, 32, P, seed_tensor(4)),
+          reference.shard_fold(x.double(), 32, P, seed_tensor(4)), layout)
+
+
+def test_shard_fold_expanded_x():
+    x = rand((1, 40), gen=generator(5)).expand(6, 40)
+    check(EMU.shard_fold(x, 7, P, seed_tensor(6)), CPU.shard_fold(x, 7, P, seed_tensor(6)),
+          reference.shard_fold(x.double(), 7, P, seed_tensor(6)), "expanded")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_dropout_mask_bit_identical(rows, dtype):
+    """tile-add of g = 1 into zeros is the scaled mask itself: the same bits on both paths."""
+    g = torch.ones(rows, 8, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    zeros = torch.zeros(rows, 37, dtype=dtype)
+    emulated = EMU.shard_tile_add(zeros, g, P, seed_tensor(7))
+    assert torch.equal(emulated, CPU.shard_tile_add(zeros, g, P, seed_tensor(7)))
+    if rows:
+        assert 0 < (emulated == 0).sum() < emulated.numel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("r,m", [(3, 12), (3, 4), (1, 1), (32, 12), (129, 6)], ids=["std", "mini", "r1-m1", "r32", "r129-mini"])
+@pytest.mark.parametrize("p", [0.0, P], ids=["no_dropout", "dropout"])
+def test_shard_linear_and_backward(r, m, dtype, p):
+    in_features, out_features, gen = max(2 * r + 1, 10), 12, generator(r * 13 + m)
+    x = make_x((2, 3), in_features, dtype=dtype, gen=gen)
+    weight, bias = rand((out_features, in_features), dtype=dtype, gen=gen), rand((out_features,), dtype=dtype, gen=gen)
+    block = rand((r, m), gen=gen, scale=0.5)
+    seed = seed_tensor(8) if p else None
+    y, fold = EMU.shard_linear(x, weight, bias, block, p, seed)
+    y_cpu, fold_cpu = CPU.shard_linear(x, weight, bias, block, p, seed)
+    check(y, y_cpu, reference.shard_linear(x.double(), weight.double(), bias.double(), block.double(), p, seed), "y")
+    check(fold, fold_cpu, reference.shard_fold(x.double(), r, p, seed), "fold")
+    grad_out, grad_fold = rand(y.shape, dtype=dtype, gen=gen), rand(fold.shape, gen=gen)
+    for w in (weight, None):
+        args = (grad_out, fold_cpu, w, block, in_features, p, seed, grad_fold, [True, True])
+        emulated, cpu = EMU.shard_linear_backward(*args), CPU.shard_linear_backward(*args)
+        oracle = CPU.shard_linear_backward(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                             for a in args])
+        for e, c, o, name in zip(emulated, cpu, oracle, ("grad_x", "grad_block")):
+            check(e, c, o, f"{name} weight={'yes' if w is not None else 'no'}")
+
+
+@pytest.mark.parametrize("mini_r", RANKS)
+def test_mini_folds_dy_along_out(mini_r):
+    """mini_r takes the place of r in the fold of dy along out (and in the out-tiled add)."""
+    gen = generator(mini_r)
+    out_features = 2 * mini_r
+    x, weight, block = make_x((3,), 10, gen=gen), rand((out_features, 10), gen=gen), rand((3, mini_r), gen=gen)
+    y, fold = EMU.shard_linear(x, weight, None, block, 0.0, None)
+    y_cpu, _ = CPU.shard_linear(x, weight, None, block, 0.0, None)
+    check(y, y_cpu, reference.shard_linear(x.double(), weight.double(), None, block.double()), "y")
+    grad_out = rand(y.shape, gen=gen)
+    args = (grad_out, fold, None, block, 10, 0.0, None, None, [True, True])
+    oracle = CPU.shard_linear_backward(grad_out.double(), fold.double(), None, block.double(), 10, 0.0, None, None,
+                                       [True, True])
+    for e, c, o in zip(EMU.shard_linear_backward(*args), CPU.shard_linear_backward(*args), oracle):
+        check(e, c, o, f"backward mini_r={mini_r}")
+
+
+def test_every_kernel_runs_under_the_emulator():
+    """The tests of this file launch every CUDA kernel of csrc/cuda/, the vector and the
+    scalar form of the elementwise one included."""
+    import pathlib
+    import re
+
+    sources = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    kernels = {name for f in sources.glob("*.cuh") for name in re.findall(r"MISS_GLOBAL void (\w+)", f.read_text())}
+    EMU.launch_log(clear=True)
+    x, weight, gen = rand((3, 12)), rand((8, 12)), generator(15)
+    y, fold = EMU.shard_linear(x, weight, None, rand((3, 4), gen=gen), P, seed_tensor(1))
+    EMU.shard_linear_backward(rand(y.shape, gen=gen), fold, None, rand((3, 4), gen=gen), 12, P, seed_tensor(1), None,
+                              [True, True])
+    EMU.merge_(weight, rand((3, 8), gen=gen), True)
+    EMU.merge_(torch.zeros(8 * 12 + 1)[1:].view(8, 12), rand((3, 8), gen=gen), False)  # unaligned: scalar form
+    block = bat_block(8, 4, gen=gen)
+    EMU.bat_linear_backward(rand((3, 8), gen=gen), x, weight, block, [True, True, True])
+    EMU.unmerge_(weight, block)
+    launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
+    assert {name.split("<")[0] for name in launched} == kernels, f"not launched: {kernels - launched}"
+    assert {"update_rows_kernel<kVec>", "update_rows_kernel<1>"} <= launched  # 16-byte and scalar forms
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_shard_delta_add_and_tile_add(dtype):
+    gen = generator(9)
+    x, y, block = make_x((4,), 23, dtype=dtype, gen=gen), rand((4, 12), dtype=dtype, gen=gen), rand((5, 3), gen=gen)
+    out, fold = EMU.shard_delta_add(y, x, block, P, seed_tensor(10))
+    out_cpu, _ = CPU.shard_delta_add(y, x, block, P, seed_tensor(10))
+    oracle = y.double() + reference.shard_delta(x.double(), block.double(), 12, P, seed_tensor(10))
+    check(out, out_cpu, oracle, "delta_add")
+    grad_x, g = rand((4, 23), dtype=dtype, gen=gen), rand((4, 5), gen=gen)
+    tiled = EMU.shard_tile_add(grad_x, g, P, seed_tensor(11))
+    check(tiled, CPU.shard_tile_add(grad_x, g, P, seed_tensor(11)),
+          ref_shard_tile_add(grad_x.double(), g.double(), P, seed_tensor(11)), "tile_add")
+
+
+def test_zero_rows():
+    x, weight = torch.empty(0, 10), rand((12, 10))
+    y, fold = EMU.shard_linear(x, weight, None, rand((4, 12)), P, seed_tensor(12))
+    assert y.shape == (0, 12) and fold.shape == (0, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Merge (vector and scalar paths) and BAT
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("aligned", [True, False], ids=["vector_path", "scalar_path"])
+@pytest.mark.parametrize("block_shape", [(3, 8), (3, 4), (2, 4, 4)], ids=["standard", "mini", "bat"])
+def test_merge_unmerge(block_shape, aligned, dtype):
+    gen = generator(13)
+    storage = rand((8 * 16 + 1,), dtype=dtype, gen=gen)
+    weight = (storage[:-1] if aligned else storage[1:]).view(8, 16)  # a 2- or 4-byte offset: no 16-byte loads
+    block = bat_block(8, 4, gen=gen) if len(block_shape) == 3 else rand(block_shape, gen=gen, scale=0.5)
+    emulated, cpu = weight.clone(), weight.clone()
+    if not aligned:
+        emulated = storage.clone()[1:].view(8, 16)
+    EMU.merge_(emulated, block, False)
+    CPU.merge_(cpu, block, False)
+    if len(block_shape) == 3:
+        oracle = reference.bat_weight(weight.double(), block.double())
+    else:
+        oracle = weight.double() + reference.delta_weight(block.double(), 16, 8)
+    check(emulated, cpu, oracle, "merged")
+    EMU.unmerge_(emulated, block)
+    CPU.unmerge_(cpu, block)
+    check(emulated, cpu, weight.double(), "unmerged")
+
+
+def test_safe_merge_refuses_non_finite():
+    weight = rand((8, 16))
+    before = weight.clone()
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        EMU.merge_(weight, torch.full((3, 8), float("inf")), True)
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("r", [1, 4, 8, 32])
+def test_bat_ops(r, dtype):
+    gen = generator(14 + r)
+    out_features, in_features = 2 * r * 2, 3 * r
+    x, weight = make_x((2, 3), in_features, dtype=dtype, gen=gen), rand((out_features, in_features), dtype=dtype, gen=gen)
+    block = bat_block(out_features, r, gen=gen)
+    w64, b64 = weight.double(), block.double()
+    check(EMU.bat_weight(weight, block), CPU.bat_weight(weight, block), reference.bat_weight(w64, b64), "W'")
+    check(EMU.bat_linear(x, weight, None, block), CPU.bat_linear(x, weight, None, block),
+          reference.bat_linear(x.double(), w64, None, b64), "bat_linear")
+    grad_out = rand((2, 3, out_features), dtype=dtype, gen=gen)
+    emulated = EMU.bat_linear_backward(grad_out, x, weight, block, [True, True, True])
+    cpu = CPU.bat_linear_backward(grad_out, x, weight, block, [True, True, True])
+    oracle = CPU.bat_linear_backward(grad_out.double(), x.double(), w64, b64, [True, True, True])
+    for e, c, o, name in zip(emulated, cpu, oracle, ("grad_x", "grad_weight", "grad_block")):
+        check(e, c, o, name)
