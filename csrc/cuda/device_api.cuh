@@ -18,6 +18,8 @@
 #include <type_traits>
 
 #ifdef MISS_EMULATE_CUDA
+#include <ATen/record_function.h>
+
 #include "../emulator/emulator.h"
 #else
 #include <ATen/cuda/CUDAContext.h>
@@ -25,8 +27,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+// Two namespaces, one per build: a library with both the GPU and the emulated kernels holds
+// both versions of these inline functions (sm_count() differs), which must not be merged by
+// the linker. Kernels and launchers name them as miss::device.
+#ifdef MISS_EMULATE_CUDA
+#define MISS_DEVICE_API_NAMESPACE emulated_device_api
+#else
+#define MISS_DEVICE_API_NAMESPACE gpu_device_api
+#endif
+
 namespace miss {
-namespace device {
+namespace MISS_DEVICE_API_NAMESPACE {
 
 template <typename scalar_t, int kVec>
 struct alignas(sizeof(scalar_t) * kVec) Pack {
@@ -186,9 +197,14 @@ inline emu::Dim3 as_dim3(unsigned int x) { return emu::Dim3{x, 1, 1}; }
 inline emu::Dim3 as_dim3(int x) { return emu::Dim3{static_cast<unsigned int>(x), 1, 1}; }
 
 #define MISS_DEVICE_GUARD(tensor) ((void)(tensor))
-#define MISS_LAUNCH(kernel, grid, threads, ...)                                                \
-  ::miss::emu::launch(#kernel, ::miss::device::as_dim3(grid), ::miss::device::as_dim3(threads), \
-                      [&] { kernel(__VA_ARGS__); })
+// In a profiler range named after the kernel, so a recorded sequence of an emulated op shows
+// its launches between its ATen calls.
+#define MISS_LAUNCH(kernel, grid, threads, ...)                                                  \
+  do {                                                                                          \
+    RECORD_FUNCTION("miss::cuda_kernel::" #kernel, std::vector<c10::IValue>());                 \
+    ::miss::emu::launch(#kernel, ::miss::device::as_dim3(grid), ::miss::device::as_dim3(threads), \
+                        [&] { kernel(__VA_ARGS__); });                                          \
+  } while (0)
 
 #endif
 
@@ -202,7 +218,8 @@ inline unsigned int blocks_for(int64_t elements) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(needed, cap)));
 }
 
-}  // namespace device
+}  // namespace MISS_DEVICE_API_NAMESPACE
+namespace device = MISS_DEVICE_API_NAMESPACE;
 }  // namespace miss
 
 // Grid-stride loop over [0, n) with a 64-bit index.

@@ -7,6 +7,7 @@
 #include "../checks.h"
 #include "../kernels.h"
 #include "../tensor_views.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace miss {
@@ -124,9 +125,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
   at::Tensor grad_block = at::empty({0}, block.options());
   if (need_weight || need_block) {
     // G in float32 (float64 for float64): dB sums r * in / r products of G with W, and G
-    // rounded to bf16 would carry a 2^-9 relative error into every one of them.
+    // rounded to bf16 would carry a 2^-9 relative error into every one of them. The operands
+    // stay in their dtype where the device can (mm_accumulate).
     const at::ScalarType acc = accumulate_dtype(x.scalar_type());
-    const at::Tensor g = at::mm(dy.t().to(acc), x.reshape({rows, in}).to(acc));
+    const at::Tensor g = mm_accumulate(dy.t(), x.reshape({rows, in}), acc);
     if (need_block) grad_block = block_grad_of(g, weight, block.size(-1)).to(block.scalar_type());
     if (need_weight) grad_weight = weight_grad_of(g, block).to(weight.scalar_type());
   }
