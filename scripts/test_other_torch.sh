@@ -35,8 +35,9 @@ fi
 source "$venv/bin/activate"
 say "installing torch==$torch_version and the test dependencies"
 # This machine's pip configuration caps torch at the versions on its disk; the cap is lifted
-# for this one install (PIP_CONSTRAINT=), never in the configuration itself.
-PIP_CONSTRAINT="" quiet_pip install -q "torch==$torch_version" ninja packaging "setuptools>=77" wheel \
+# for this one install, never in the configuration itself. An empty PIP_CONSTRAINT does not
+# override the configuration's constraint file (pip 24); an empty constraints file does.
+PIP_CONSTRAINT=/dev/null quiet_pip install -q "torch==$torch_version" ninja packaging "setuptools>=77" wheel \
   pytest numpy expecttest hypothesis peft safetensors transformers
 python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(v != sys.argv[1] and f'torch {torch.__version__} is installed, not {sys.argv[1]}')" "$torch_version"
 
