@@ -66,19 +66,8 @@ void define_schemas(torch::Library& m) {
 
 TORCH_LIBRARY(miss, m) { miss::define_schemas(m); }
 
-#define MISS_REGISTER_KERNELS(m)                             \
-  m.impl("shard_fold", &miss::shard_fold);                   \
-  m.impl("shard_tile_add", &miss::shard_tile_add);           \
-  m.impl("shard_linear", &miss::shard_linear);               \
-  m.impl("shard_delta_add", &miss::shard_delta_add);         \
-  m.impl("shard_linear_backward", &miss::shard_linear_backward); \
-  m.impl("bat_weight", &miss::bat_weight);                   \
-  m.impl("bat_block_grad", &miss::bat_block_grad);           \
-  m.impl("bat_weight_grad", &miss::bat_weight_grad);         \
-  m.impl("bat_linear", &miss::bat_linear);                   \
-  m.impl("bat_linear_backward", &miss::bat_linear_backward); \
-  m.impl("merge_", &miss::merge_);                           \
-  m.impl("unmerge_", &miss::unmerge_);
+#define MISS_IMPL_OP(name) m.impl(#name, &miss::name);
+#define MISS_REGISTER_KERNELS(m) MISS_FOR_EACH_OP(MISS_IMPL_OP)
 
 // The op bodies are device-generic (they route to miss::cpu or miss::cuda kernels by the
 // device of their tensors), so both keys register the same functions.

@@ -20,11 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .ops import _accumulate_dtype as _acc  # ops imports this module last, once it is defined
 
 
 def _used(cotangent, computed: bool):

@@ -125,7 +125,7 @@ class MissConfig:
         """The adapter_config.json PEFT writes for this config."""
         values = self.to_dict()
         values["peft_version"] = _peft_version_written()
-        return (json.dumps(values, indent=2, sort_keys=True) + "\n").encode()
+        return config_file_bytes(values)
 
     def save_pretrained(self, directory: str) -> str:
         """Writes adapter_config.json atomically; returns its path."""
@@ -141,6 +141,11 @@ class MissConfig:
 
         with open(check_config_present(directory)) as f:
             return cls.from_dict(json.load(f))
+
+
+def config_file_bytes(values: dict) -> bytes:
+    """An adapter_config.json's bytes, formatted as PEFT writes them."""
+    return (json.dumps(values, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _peft_version_written() -> str:

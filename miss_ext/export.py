@@ -12,11 +12,9 @@ the MiSS delta. BAT (``W' = W + W B + B``) depends on W and is not low-rank: no 
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from .config import _peft_version_written
+from .config import _peft_version_written, config_file_bytes
 from .files import write_adapter_files
 from .model import BLOCK_KEY, KEY_PREFIX, MissModel
 
@@ -112,6 +110,5 @@ def export_lora(miss_model: MissModel, directory: str, adapter_name: str = "defa
     computes what the MiSS adapter computes. A BAT adapter raises ValueError (not low-rank).
     """
     lora_config, tensors = lora_adapter(miss_model, adapter_name)
-    text = json.dumps(lora_config, indent=2, sort_keys=True) + "\n"
-    write_adapter_files(directory, text.encode(), tensors)
+    write_adapter_files(directory, config_file_bytes(lora_config), tensors)
     return directory

@@ -6,9 +6,6 @@
 // first: a thread's output is an input of the other threads of its tile row.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-
 #include "../kernels.h"
 #include "device_api.cuh"
 

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>    // MISS_DISPATCH_FLOAT
+#include <ATen/OpMathType.h>  // the kernels' accumulation type
 
 #include <algorithm>
 #include <cmath>
@@ -75,8 +77,6 @@ template <typename T>
 T* output(at::Tensor& t, const char*) { return t.data_ptr<T>(); }
 template <typename T>
 T* inout(at::Tensor& t, const char*) { return t.data_ptr<T>(); }
-template <typename T>
-T* output_raw(T* p, int64_t, const char*) { return p; }
 
 #define MISS_DEVICE_GUARD(tensor) const at::cuda::CUDAGuard miss_device_guard((tensor).device())
 #define MISS_LAUNCH(kernel, grid, threads, ...)                                                 \
@@ -123,10 +123,6 @@ class Ref {
     return *this;
   }
   const Ref& operator=(const Ref& other) const { return *this = other.load(); }
-  template <typename U>
-  const Ref& operator+=(const U& v) const {
-    return *this = static_cast<Value>(load() + v);
-  }
 };
 
 // A device pointer: arithmetic as a raw pointer's, element access through Ref.
@@ -140,7 +136,6 @@ class gptr {
   gptr(const gptr<U>& other) : p_(other.raw()) {}  // T* -> const T*
   T* raw() const { return p_; }
   gptr operator+(int64_t i) const { return gptr(p_ + i); }
-  gptr operator-(int64_t i) const { return gptr(p_ - i); }
   Ref<T> operator[](int64_t i) const { return Ref<T>(p_ + i); }
   Ref<T> operator*() const { return Ref<T>(p_); }
 };
@@ -186,11 +181,6 @@ template <typename T>
 gptr<T> inout(at::Tensor& t, const char* name) {
   emu::register_buffer(t.data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInOut, name);
   return gptr<T>(t.data_ptr<T>());
-}
-template <typename T>
-gptr<T> output_raw(T* p, int64_t count, const char* name) {
-  emu::register_buffer(p, sizeof(T) * count, sizeof(T), emu::Role::kOutput, name);
-  return gptr<T>(p);
 }
 
 inline emu::Dim3 as_dim3(unsigned int x) { return emu::Dim3{x, 1, 1}; }

@@ -5,9 +5,6 @@
 // tests cover them and both devices draw the same mask for the same seed.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-
 #include <cstdint>
 
 #include "../kernels.h"

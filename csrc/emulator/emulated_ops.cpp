@@ -80,17 +80,8 @@ TORCH_LIBRARY(miss_emulated_cuda, m) {
 }
 
 TORCH_LIBRARY_IMPL(miss_emulated_cuda, CPU, m) {
-  m.impl("shard_fold", MISS_EMULATED(shard_fold));
-  m.impl("shard_tile_add", MISS_EMULATED(shard_tile_add));
-  m.impl("shard_linear", MISS_EMULATED(shard_linear));
-  m.impl("shard_delta_add", MISS_EMULATED(shard_delta_add));
-  m.impl("shard_linear_backward", MISS_EMULATED(shard_linear_backward));
-  m.impl("bat_weight", MISS_EMULATED(bat_weight));
-  m.impl("bat_block_grad", MISS_EMULATED(bat_block_grad));
-  m.impl("bat_weight_grad", MISS_EMULATED(bat_weight_grad));
-  m.impl("bat_linear", MISS_EMULATED(bat_linear));
-  m.impl("bat_linear_backward", MISS_EMULATED(bat_linear_backward));
-  m.impl("merge_", MISS_EMULATED(merge_));
-  m.impl("unmerge_", MISS_EMULATED(unmerge_));
+#define MISS_IMPL_EMULATED_OP(name) m.impl(#name, MISS_EMULATED(name));
+  MISS_FOR_EACH_OP(MISS_IMPL_EMULATED_OP)
+#undef MISS_IMPL_EMULATED_OP
   m.impl("planted_bug", &miss::planted_bug);
 }

@@ -17,8 +17,9 @@ namespace {
 // float16/bfloat16 tensor. On the CPU ~4 MiB (the temporary stays in cache, whatever N is);
 // on CUDA all rows: each chunk costs a GEMM launch and a kernel launch (~5-10 us of host
 // time each), and 4 MiB chunks would turn one layer step into hundreds of launches.
-int64_t chunk_rows(const at::Tensor& data, int64_t rows, int64_t width) {
-  if (on_cuda_path(data)) return std::max<int64_t>(1, rows);
+// `data` is the [rows, *] tensor the chunks are cut from.
+int64_t chunk_rows(const at::Tensor& data, int64_t width) {
+  if (on_cuda_path(data)) return std::max<int64_t>(1, data.size(0));
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, width));
 }
 
@@ -41,7 +42,7 @@ void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor&
     y2d.addmm_(fold, block_acc);  // one GEMM accumulating into y, no temporary
     return;
   }
-  const int64_t step = chunk_rows(y2d, rows, m);
+  const int64_t step = chunk_rows(y2d, m);
   for (int64_t first = 0; first < rows; first += step) {
     const int64_t count = std::min(step, rows - first);
     at::Tensor y_chunk = y2d.narrow(0, first, count);
@@ -229,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
     if (need_g) at::mm_out(g, h, block_acc.t());
     if (need_block) grad_block_acc.addmm_(fold_acc.t(), h);
   } else {
-    const int64_t step = chunk_rows(dy, rows, out);
+    const int64_t step = chunk_rows(dy, out);
     for (int64_t first = 0; first < rows; first += step) {
       const int64_t count = std::min(step, rows - first);
       const at::Tensor h = dy.narrow(0, first, count).to(acc);
