@@ -3,7 +3,7 @@
 // everything MiSS-specific and memory-bound runs in these kernels.
 //
 // Conventions for every kernel: outputs are allocated by the caller; "acc" tensors (fold, g,
-// v, the converted block `block_acc`, G of bat_block_grad) have the accumulation dtype of
+// v, the converted block `block_acc`) have the accumulation dtype of
 // the data (float64 for float64 data, float32 otherwise: checks.h accumulate_dtype) and are
 // contiguous; sizes come from the tensors; N == 0 and empty tensors are allowed.
 #pragma once
@@ -20,21 +20,25 @@
                   bool accumulate);                                                            \
   /* y[n, o] += v[n, o % m]; y [N, out] contiguous; v [N, m] */                                 \
   void add_out_tiled(at::Tensor& y, const at::Tensor& v);                                      \
-  /* out_kj = W_kj + W_kj B_k + B_k; out may be weight itself (in-place merge) */              \
-  void bat_transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Tensor& out);  \
-  /* grad_block_k = sum_j W_kj^T G_kj + G_kj; G and grad_block in the acc dtype of W */        \
-  void bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight,                 \
-                      at::Tensor& grad_block);                                                 \
-  /* out_kj = G_kj (I + B_k)^T, the gradient of bat_transform with respect to W */             \
-  void bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block_acc,             \
-                       at::Tensor& out);                                                       \
-  /* W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64 */                    \
-  void bat_unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tensor& inverse); \
   /* out[o, i] = W[o, i] + sign * B[i % r, o % m]; block_acc [r, m]; out may be weight */      \
   void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign,          \
                    at::Tensor& out);                                                           \
   /* whether every W[o, i] + sign * B[i % r, o % m] is finite, without writing W */            \
   bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign);
+
+// Which bfloat16 piece of a float32 value each slot of a bf16_pieces output holds: piece 0 is
+// bf16(t), piece 1 bf16(t - piece 0), piece 2 bf16(t - piece 0 - piece 1). Three pieces
+// carry t's 24 significand bits; products of pieces with bf16 data are exact in float32.
+struct PiecePattern {
+  int slots;
+  int piece[4];
+};
+
+// Kernels only the CUDA path has (the CPU runs these GEMMs in float32).
+#define MISS_DECLARE_CUDA_ONLY_KERNELS                                                          \
+  /* out = bf16 pieces of a float32 [rows, cols] t side by side: [slots * rows, cols] when */   \
+  /* along_rows, else [rows, slots * cols]; slot s holds piece pattern.piece[s] */              \
+  void bf16_pieces(const at::Tensor& t, const PiecePattern& pattern, bool along_rows, at::Tensor& out);
 
 namespace miss {
 namespace cpu {
@@ -43,12 +47,14 @@ MISS_DECLARE_KERNELS
 #ifdef MISS_WITH_CUDA
 namespace cuda {
 MISS_DECLARE_KERNELS
+MISS_DECLARE_CUDA_ONLY_KERNELS
 }
 #endif
 #ifdef MISS_WITH_EMULATOR
 // The CUDA kernels compiled for the host and run under the emulator (csrc/emulator/).
 namespace emulated_cuda {
 MISS_DECLARE_KERNELS
+MISS_DECLARE_CUDA_ONLY_KERNELS
 }
 // True while an op of the miss_emulated_cuda namespace runs on this thread: its body then
 // takes every decision as for CUDA, and its kernels run under the emulator.
@@ -63,6 +69,7 @@ inline bool on_cuda_path(const at::Tensor& t) { return t.is_cuda() || emulating_
 }  // namespace miss
 
 #undef MISS_DECLARE_KERNELS
+#undef MISS_DECLARE_CUDA_ONLY_KERNELS
 
 // Calls the kernel NAME of the device that `TENSOR`'s op runs on: miss::cuda, the emulated
 // CUDA device, or miss::cpu.

@@ -62,3 +62,27 @@ def test_cpu_dtype_costs_tiny(tmp_path):
                                  "--out-dir", str(tmp_path), "--name", "d"]) == 0
     result = json.loads((tmp_path / "d.json").read_text())
     assert len(result["gemm_ms"]) == 6 and len(result["pass_ms"]) == 9
+
+
+def test_gpu_cost_model_tiny(tmp_path):
+    """The cost model records every implementation and writes its predictions, labelled as
+    predictions; the scaled trace has the target's shapes (base GEMM, every row of bat's G)."""
+    pytest.importorskip("peft")
+    import torch
+
+    if not hasattr(torch.ops.miss_emulated_cuda, "shard_fold"):
+        pytest.skip("miss_ext was built without the CUDA emulator")
+    model = load("gpu_cost_model")
+    assert model.main(["--tokens", "1536", "--in-features", "768", "--out-features", "768", "--r", "48",
+                       "--mini-r", "16", "--scale", "4", "--results-dir", str(tmp_path)]) == 0
+    stem = tmp_path / "gpu_cost_model_predictions_1536x768x768_r48"
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert result["label"].startswith("PREDICTION")
+    h100 = result["results"]["H100 SXM"]
+    assert set(h100) == {"frozen Linear", "miss_ext standard", "miss_ext standard dropout 0.1", "miss_ext mini",
+                         "miss_ext bat", "PEFT MiSS standard", "PEFT MiSS standard dropout 0.1", "PEFT MiSS mini",
+                         "PEFT MiSS bat", "PEFT LoRA"}
+    assert [c["shapes"] for c in h100["frozen Linear"]["calls"] if c["call"] == "aten::mm"][0] == [[1536, 768], [768, 768]]
+    g_rows = [c["shapes"][0][0] for c in h100["miss_ext bat"]["calls"] if c["call"] == "mm.dtype"]
+    assert sum(g_rows) == 768
+    assert "PREDICTIONS (no GPU used)" in stem.with_suffix(".md").read_text()

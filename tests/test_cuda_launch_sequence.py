@@ -1,30 +1,38 @@
-"""What the CUDA path of an op issues, recorded on the emulated CUDA device: every ATen call of
-the op body and every kernel launch, in order (torch.profiler; kernel launches and CUDA-only
-ATen calls appear as the ranges `miss::cuda_kernel::<name>` and
-`miss::cuda_stand_in::<call>`). These tests pin down design decisions of the CUDA path that
-no numeric test would notice if they regressed:
-- no CPU-sized chunking: one GEMM and one kernel per step, whatever N;
-- bat's G = dy^T x straight from the bf16 activations (one mm.dtype), no float32 copy of x
-  or dy.
-The same recordings on the CPU path (torch.ops.miss) show the other decision, so each test
-can fail.
+"""What the CUDA path of a layer step issues, recorded on the emulated CUDA device by the
+recorder the GPU cost model prices (benchmarks/gpu_trace.py): every ATen call of the op bodies,
+every kernel launch and every cuBLAS call the CPU stands in for. These tests pin down design
+decisions of the CUDA path that no numeric test would notice if they regressed:
+- the launches of one layer step, per variant (no CPU-sized chunking: their number does not
+  grow with N);
+- no float32 GEMM and no dtype conversion over an activation-sized ([N, in] or [N, out])
+  operand: the thin GEMMs of standard run on bf16 pieces, bat's G comes from the bf16
+  activations (mm.dtype);
+- bat's G in slabs (its peak memory), the same number at every size.
+The same checks on the CPU path (torch.ops.miss, whose choices are the opposite) show that
+each check can fail.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import miss_ext  # noqa: F401
-
-from conftest import bat_block, generator, rand
 
 if not hasattr(torch.ops, "miss_emulated_cuda") or not hasattr(torch.ops.miss_emulated_cuda, "shard_fold"):
     pytest.skip("miss_ext was built without the CUDA emulator (MISS_WITH_EMULATOR=1)", allow_module_level=True)
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+gpu_trace = importlib.import_module("gpu_trace")
+gpu_variants = importlib.import_module("gpu_variants")
+
 EMU = torch.ops.miss_emulated_cuda
-KERNEL, STAND_IN = "miss::cuda_kernel::", "miss::cuda_stand_in::"
+SHAPE = gpu_trace.Shape(tokens=512, in_features=256, out_features=256, r=16, mini_r=4)
 
 
 @pytest.fixture(autouse=True)
@@ -35,62 +43,89 @@ def fast_emulator():
     EMU.configure()
 
 
-def recorded_sequence(op_name: str, fn) -> list:
-    """(name, input shapes) of what the op `op_name` issued, in order: its ATen calls and
-    kernel launches, without what happens inside a launch or a stand-in."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    roots = [e for e in prof.events() if e.name == op_name]
-    assert len(roots) == 1, [e.name for e in prof.events()][:20]
-    sequence = []
-
-    def walk(event):
-        for child in sorted(event.cpu_children, key=lambda e: e.time_range.start):
-            sequence.append((child.name, [tuple(s) for s in child.input_shapes]))
-            if not child.name.startswith((KERNEL, STAND_IN)):
-                walk(child)
-
-    walk(roots[0])
-    return sequence
+def recorded(variant: str, p: float = 0.0, shape: gpu_trace.Shape = SHAPE) -> gpu_trace.Trace:
+    step, roots = gpu_variants._ours(variant, shape, p)
+    return gpu_trace.record(step, shape, 1, roots, lambda: EMU.launch_log(clear=True))
 
 
-def calls(sequence, name):
-    return [entry for entry in sequence if entry[0] == name]
+def names(trace, phase=None):
+    return [c.name for c in trace.calls if phase is None or c.phase == phase]
 
 
-def test_bat_backward_computes_G_from_bf16_activations():
-    rows, in_features, out_features, r = 64, 32, 48, 8
-    gen = generator(1)
-    x = rand((rows, in_features), dtype=torch.bfloat16, gen=gen)
-    weight = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen)
-    block, grad_out = bat_block(out_features, r, gen=gen), rand((rows, out_features), dtype=torch.bfloat16, gen=gen)
-    args = (grad_out, x, weight, block, [True, True, True])
-
-    def activation_copies(sequence):  # conversions of x or dy ([rows, *]) outside the stand-ins
-        return [e for e in sequence if e[0] == "aten::_to_copy" and e[1] and len(e[1][0]) == 2 and rows in e[1][0]]
-
-    cuda = recorded_sequence("miss_emulated_cuda::bat_linear_backward", lambda: EMU.bat_linear_backward(*args))
-    assert len(calls(cuda, STAND_IN + "mm.dtype")) == 1, cuda
-    assert activation_copies(cuda) == [], cuda
-    cpu = recorded_sequence("miss::bat_linear_backward", lambda: torch.ops.miss.bat_linear_backward(*args))
-    assert len(activation_copies(cpu)) == 2  # the CPU's choice: float32 copies, float32 GEMM
+def activation_sized(trace, shape):
+    """Calls that convert, or run a float32 GEMM over, an [N, in] or [N, out] operand."""
+    wide = {shape.in_features, shape.out_features}
+    found = []
+    for call in trace.calls:
+        big = [(s, d) for s, d in zip(call.shapes, call.dtypes)
+               if len(s) == 2 and shape.tokens in s and wide & set(s)]
+        if not big:
+            continue
+        if call.name in ("aten::copy_", "aten::_to_copy"):
+            found.append((call.name, call.shapes, call.dtypes))
+        elif call.name in ("aten::mm", "aten::addmm", "aten::addmm_", "mm.dtype") and any(d == "float" for _, d in big):
+            found.append((call.name, call.shapes, call.dtypes))
+    return found
 
 
-def test_no_cpu_sized_chunks_on_cuda():
-    """A bf16 layer with an fp32 block above the CPU's 4 MiB chunk (1100 rows of 1024): the CUDA
-    path issues one delta GEMM and one out-tiled add, the CPU path one of each per chunk."""
-    rows, in_features, out_features = 1100, 8, 1024
-    gen = generator(2)
-    x = rand((rows, in_features), dtype=torch.bfloat16, gen=gen)
-    weight = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen)
-    block = rand((4, out_features), gen=gen)  # float32: the delta is added through a float32 temporary
-    args = (x, weight, None, block, 0.0, None)
-    def delta_gemms(sequence):  # fold [rows, r] @ block; the base GEMM reads x [rows, in]
-        return [shapes for _, shapes in calls(sequence, "aten::mm") if shapes[0][1] == block.shape[0]]
+STANDARD_FORWARD = ["shard_fold_kernel<scalar_t>", "aten::mm", "bf16_pieces_kernel", "bf16_pieces_kernel", "addmm_"]
+STANDARD_BACKWARD = ["bf16_pieces_kernel", "mm.dtype", "aten::add", "bf16_pieces_kernel", "mm.dtype", "aten::sum",
+                     "aten::mm", "update_rows_kernel<kVec>"]
 
-    cuda = recorded_sequence("miss_emulated_cuda::shard_linear", lambda: EMU.shard_linear(*args))
-    assert delta_gemms(cuda) == [[(rows, 4), (4, out_features)]]
-    assert [name for name, _ in cuda if name.startswith(KERNEL)] == [
-        KERNEL + "shard_fold_kernel<scalar_t>", KERNEL + "update_rows_kernel<kVec>"]
-    cpu = recorded_sequence("miss::shard_linear", lambda: torch.ops.miss.shard_linear(*args))
-    assert len(delta_gemms(cpu)) == 2
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_standard_step(p):
+    trace = recorded("standard", p)
+    assert names(trace, "forward") == STANDARD_FORWARD
+    assert names(trace, "backward") == STANDARD_BACKWARD
+    assert activation_sized(trace, SHAPE) == []
+
+
+def test_mini_step():
+    trace = recorded("mini")
+    assert names(trace, "forward") == ["shard_fold_kernel<scalar_t>", "aten::mm", "aten::mm", "update_rows_kernel<kVec>"]
+    # dy folded along out to [N, mini_r] once; g and dB are small float32 GEMMs over it
+    assert names(trace, "backward") == ["aten::zero_", "shard_fold_kernel<scalar_t>", "aten::mm", "aten::addmm_",
+                                        "aten::mm", "update_rows_kernel<kVec>"]
+    assert activation_sized(trace, SHAPE) == []
+
+
+@pytest.mark.parametrize("tokens", [512, 2048])
+def test_bat_step(tokens):
+    """Two transforms (forward, and again for dx); G in slabs of whole r-row blocks, each at
+    most 1/8 of x's bytes (8 slabs at in = out = N / 2, the benchmark's ratio)."""
+    shape = gpu_trace.Shape(tokens, 256, 256, 16, 4)
+    trace = recorded("bat", shape=shape)
+    transform = ["aten::copy_", "aten::baddbmm", "aten::add_", "aten::copy_"]
+    assert names(trace, "forward") == transform + ["aten::mm"]
+    slabs = [c for c in trace.calls if c.name == "mm.dtype"]
+    x_bytes = shape.tokens * shape.in_features * 2
+    for c in slabs:
+        rows = c.shapes[0][0]
+        assert rows % shape.r == 0 and rows * shape.in_features * 4 <= max(x_bytes // 8, shape.r * shape.in_features * 4)
+    assert sum(c.shapes[0][0] for c in slabs) == shape.out_features  # every row of G once
+    assert len(slabs) == {512: 8, 2048: 2}[tokens]
+    slab = ["mm.dtype", "aten::copy_", "aten::bmm", "aten::sum", "aten::add_"]
+    assert names(trace, "backward") == transform + ["aten::mm"] + slab * len(slabs)
+    assert activation_sized(trace, shape) == []
+
+
+def test_cpu_path_fails_the_same_checks():
+    """The CPU path makes float32 copies of the activations (its measured choice): the check
+    of the CUDA tests finds them."""
+    x, weight, dy, gen = gpu_variants._inputs(SHAPE)
+    block = torch.randn(SHAPE.r, SHAPE.out_features, generator=gen) * 0.02
+
+    def step():
+        y, fold = torch.ops.miss.shard_linear(x, weight, None, block, 0.0, None)
+        torch.ops.miss.shard_linear_backward(dy, fold, weight, block, SHAPE.in_features, 0.0, None, None, [True, True])
+
+    trace = gpu_trace.record(step, SHAPE, 1, ("miss::shard_linear", "miss::shard_linear_backward"))
+    assert activation_sized(trace, SHAPE) != []
+
+
+def test_launch_count_does_not_grow_with_tokens():
+    """No chunking by CPU-sized temporaries on CUDA: a step at 8x the tokens issues the same."""
+    small = recorded("standard")
+    large = recorded("standard", shape=gpu_trace.Shape(8 * SHAPE.tokens, 256, 256, 16, 4))
+    assert names(small) == names(large)

@@ -170,12 +170,14 @@ def test_every_kernel_runs_under_the_emulator():
                               [True, True])
     EMU.merge_(weight, rand((3, 8), gen=gen), True)
     EMU.merge_(torch.zeros(8 * 12 + 1)[1:].view(8, 12), rand((3, 8), gen=gen), False)  # unaligned: scalar form
-    block = bat_block(8, 4, gen=gen)
-    EMU.bat_linear_backward(rand((3, 8), gen=gen), x, weight, block, [True, True, True])
-    EMU.unmerge_(weight, block)
+    # bf16 standard: the thin GEMMs on bf16 pieces (bf16_pieces_kernel)
+    x16, block = x.bfloat16(), rand((3, 8), gen=gen)
+    y16, fold16 = EMU.shard_linear(x16, weight.bfloat16(), None, block, 0.0, None)
+    EMU.shard_linear_backward(rand(y16.shape, dtype=torch.bfloat16, gen=gen), fold16, weight.bfloat16(), block, 12,
+                              0.0, None, None, [True, True])
     launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
     assert {name.split("<")[0] for name in launched} == kernels, f"not launched: {kernels - launched}"
-    assert {"update_rows_kernel<kVec>", "update_rows_kernel<1>"} <= launched  # 16-byte and scalar forms
+    assert {"shard_merge_kernel<kVec>", "shard_merge_kernel<1>"} <= launched  # 16-byte and scalar forms
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

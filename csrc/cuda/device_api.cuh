@@ -66,9 +66,11 @@ MISS_DEVICE void store_pack(T* p, const Pack<T, kVec>& pack) {
   *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
 }
 MISS_DEVICE void atomic_store(int* p, int value) { atomicExch(p, value); }
+MISS_DEVICE void note_philox_call() {}
 MISS_DEVICE bool is_finite(double v) { return isfinite(v); }
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline dim3 grid_2d(unsigned int x, unsigned int y) { return dim3(x, y, 1); }
 
 // The pointer a kernel gets for a tensor it reads, writes or both.
 template <typename T>
@@ -156,6 +158,7 @@ inline void atomic_store(gptr<int> p, int value) {
   if (emu::access(p.raw(), sizeof(int), true, true)) *p.raw() = value;
 }
 inline bool is_finite(double v) { return std::isfinite(v); }
+inline void note_philox_call() { emu::note_philox_call(); }
 
 inline int sm_count() { return emu::config().sm_count; }
 
@@ -183,6 +186,8 @@ gptr<T> inout(at::Tensor& t, const char* name) {
   return gptr<T>(t.data_ptr<T>());
 }
 
+inline emu::Dim3 grid_2d(unsigned int x, unsigned int y) { return emu::Dim3{x, y, 1}; }
+inline emu::Dim3 as_dim3(emu::Dim3 d) { return d; }
 inline emu::Dim3 as_dim3(unsigned int x) { return emu::Dim3{x, 1, 1}; }
 inline emu::Dim3 as_dim3(int x) { return emu::Dim3{static_cast<unsigned int>(x), 1, 1}; }
 

@@ -42,7 +42,12 @@ MISS_GLOBAL void shard_fold_kernel(gptr<const scalar_t> MISS_RESTRICT x, RowInde
       if (group < groups && c < r) {
         for (int64_t s = group; s < shards; s += groups) {
           const int64_t i = s * r + c;
-          if (i < in) acc += static_cast<acc_t>(row[i * cs]) * dropout_multiplier<acc_t>(dropout, seed, n, i);
+          if (i < in) {
+            // One Philox call per element: the 8 columns of a call lie in 8 different lanes
+            // here (benchmarks/gpu_cost_model.py prices it).
+            if (dropout.enabled) device::note_philox_call();
+            acc += static_cast<acc_t>(row[i * cs]) * dropout_multiplier<acc_t>(dropout, seed, n, i);
+          }
         }
       }
       if (groups == 1) {
@@ -65,10 +70,10 @@ MISS_GLOBAL void shard_fold_kernel(gptr<const scalar_t> MISS_RESTRICT x, RowInde
 }
 
 // --- Elementwise updates of a contiguous [rows, width] array ---------------------------
-// One kernel serves the tile-add into grad_x, the out-tiled add into y and the merge into W:
-// each thread updates kVec consecutive elements with one 16-byte load and store when both
-// arrays are 16-byte aligned (checked on the host), else one element at a time. `Update` maps
-// (flat index, old value) to the new value; src may be dst.
+// One kernel serves the tile-add into grad_x and the out-tiled add into y: each thread
+// updates kVec consecutive elements with one 16-byte load and store (the tail of the array
+// one at a time). `Update::run(first, values, count)` turns the old values of elements
+// first .. first + count - 1 (flat indices) into the new ones; src may be dst.
 
 template <int kVec, typename scalar_t, typename Update>
 MISS_GLOBAL void update_rows_kernel(gptr<const scalar_t> src, gptr<scalar_t> dst, int64_t total, Update update) {
@@ -77,10 +82,14 @@ MISS_GLOBAL void update_rows_kernel(gptr<const scalar_t> src, gptr<scalar_t> dst
        first += step) {
     if (first + kVec <= total) {
       device::Pack<scalar_t, kVec> pack = device::load_pack<kVec>(src + first);
-      for (int k = 0; k < kVec; ++k) pack.v[k] = update(first + k, pack.v[k]);
+      update.run(first, pack.v, kVec);
       device::store_pack<kVec>(dst + first, pack);
     } else {
-      for (int64_t index = first; index < total; ++index) dst[index] = update(index, src[index]);
+      for (int64_t index = first; index < total; ++index) {
+        scalar_t value = src[index];
+        update.run(index, &value, 1);
+        dst[index] = value;
+      }
     }
   }
 }
@@ -88,31 +97,46 @@ MISS_GLOBAL void update_rows_kernel(gptr<const scalar_t> src, gptr<scalar_t> dst
 template <typename scalar_t, typename Update>
 void launch_update_rows(const at::Tensor& src_tensor, at::Tensor& dst_tensor, int64_t total, const Update& update) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = reinterpret_cast<uintptr_t>(src_tensor.const_data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(dst_tensor.const_data_ptr()) % 16 == 0;
+  // Every array updated here is one the op allocated (y, a clone, a GEMM's output), and both
+  // allocators align those to at least 64 bytes.
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(src_tensor.const_data_ptr()) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(dst_tensor.const_data_ptr()) % 16 == 0);
   const auto src = device::input<scalar_t>(src_tensor, "src");
   const auto dst = src_tensor.is_same(dst_tensor) ? device::inout<scalar_t>(dst_tensor, "dst")
                                                   : device::output<scalar_t>(dst_tensor, "dst");
-  if (aligned) {
-    MISS_LAUNCH(update_rows_kernel<kVec>, device::blocks_for(ceil_div(total, kVec)), kThreads, src, dst, total,
-                update);
-  } else {
-    MISS_LAUNCH(update_rows_kernel<1>, device::blocks_for(total), kThreads, src, dst, total, update);
-  }
+  MISS_LAUNCH(update_rows_kernel<kVec>, device::blocks_for(ceil_div(total, kVec)), kThreads, src, dst, total, update);
 }
 
-// grad_x[n, i] (+)= drop(n, i) * g[n, i % r]
+// grad_x[n, i] (+)= drop(n, i) * g[n, i % r]. With dropout, one Philox call per run of
+// consecutive columns in one 8-column group (philox_dropout.h): once per thread and 16-byte
+// pack for bf16/fp16 (8 elements), twice for float32.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 struct TileUpdate {
   gptr<const acc_t> g;
   int64_t in, r;
   DropoutParams dropout;
   bool accumulate;
-  MISS_DEVICE scalar_t operator()(int64_t index, scalar_t old) const {
-    const int64_t n = index / in, i = index % in;
+  MISS_DEVICE void run(int64_t first, scalar_t* values, int count) const {
+    int64_t n = first / in, i = first % in;
     const int64_t seed = dropout.enabled ? dropout.seed() : 0;
-    const acc_t value = g[n * r + i % r] * dropout_multiplier<acc_t>(dropout, seed, n, i);
-    return static_cast<scalar_t>(accumulate ? static_cast<acc_t>(old) + value : value);
+    int64_t group = -1;
+    uint32_t bits = 0;
+    for (int k = 0; k < count; ++k) {
+      acc_t value = g[n * r + i % r];
+      if (dropout.enabled) {
+        if (i / kMaskColumnsPerCall != group) {
+          group = i / kMaskColumnsPerCall;
+          bits = dropout_keep_bits(seed, dropout.threshold, n, group);
+          device::note_philox_call();
+        }
+        value *= ((bits >> (i % kMaskColumnsPerCall)) & 1u) ? static_cast<acc_t>(dropout.scale) : acc_t(0);
+      }
+      values[k] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(values[k]) + value : value);
+      if (++i == in) {
+        i = 0;
+        ++n;
+      }
+    }
   }
 };
 
@@ -121,30 +145,86 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 struct OutTiledAdd {
   gptr<const acc_t> v;
   int64_t out, m;
-  MISS_DEVICE scalar_t operator()(int64_t index, scalar_t old) const {
-    const int64_t n = index / out, o = index % out;
-    return static_cast<scalar_t>(static_cast<acc_t>(old) + v[n * m + o % m]);
+  MISS_DEVICE void run(int64_t first, scalar_t* values, int count) const {
+    for (int k = 0; k < count; ++k) {
+      const int64_t n = (first + k) / out, o = (first + k) % out;
+      values[k] = static_cast<scalar_t>(static_cast<acc_t>(values[k]) + v[n * m + o % m]);
+    }
   }
 };
 
-// W[o, i] + sign * B[i % r, o % m]
+// --- Merge: W[o, i] + sign * B[i % r, o % m] -------------------------------------------
+// One row o per blockIdx.y (grid-stride over rows), the columns of that row over blockIdx.x
+// and the threads. The column index is 32-bit (the host checks in < 2^31) and the shard
+// position i % r is stepped, not divided, so no 64-bit div/mod per element; the block comes
+// transposed, Bt[o % m][i % r], so consecutive threads read consecutive floats of one row
+// of Bt. kVec elements per thread with 16-byte loads and stores where every row start is
+// aligned (checked on the host).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-struct MergeUpdate {
-  gptr<const acc_t> block;
-  int64_t in, r, m;
+struct MergeRows {
+  gptr<const scalar_t> weight;
+  gptr<const acc_t> block_t;  // [m, r]
+  int64_t out, m;
+  int32_t in, r;
   float sign;
-  MISS_DEVICE scalar_t operator()(int64_t index, scalar_t old) const {
-    const int64_t o = index / in, i = index % in;
-    return static_cast<scalar_t>(static_cast<acc_t>(old) + sign * block[(i % r) * m + o % m]);
-  }
+  MISS_DEVICE acc_t delta(int64_t o, int32_t c) const { return sign * block_t[(o % m) * r + c]; }
 };
+
+template <int kVec, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+MISS_GLOBAL void shard_merge_kernel(MergeRows<scalar_t> merge, gptr<scalar_t> result) {
+  const int32_t step = static_cast<int32_t>(blockDim.x * gridDim.x) * kVec;
+  for (int64_t o = blockIdx.y; o < merge.out; o += gridDim.y) {
+    const gptr<const scalar_t> w_row = merge.weight + o * merge.in;
+    const gptr<scalar_t> out_row = result + o * merge.in;
+    for (int32_t first = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x) * kVec; first < merge.in;
+         first += step) {
+      int32_t c = first % merge.r;  // one division per kVec elements, then stepped
+      if (first + kVec <= merge.in) {
+        device::Pack<scalar_t, kVec> pack = device::load_pack<kVec>(w_row + first);
+        for (int k = 0; k < kVec; ++k) {
+          pack.v[k] = static_cast<scalar_t>(static_cast<acc_t>(pack.v[k]) + merge.delta(o, c));
+          c = c + 1 == merge.r ? 0 : c + 1;
+        }
+        device::store_pack<kVec>(out_row + first, pack);
+      } else {
+        for (int32_t i = first; i < merge.in; ++i) {
+          out_row[i] = static_cast<scalar_t>(static_cast<acc_t>(w_row[i]) + merge.delta(o, c));
+          c = c + 1 == merge.r ? 0 : c + 1;
+        }
+      }
+    }
+  }
+}
 
 template <typename scalar_t>
-MISS_GLOBAL void shard_merge_finite_kernel(gptr<const scalar_t> MISS_RESTRICT weight, int64_t total,
-                                           MergeUpdate<scalar_t> merged, gptr<int> MISS_RESTRICT all_finite) {
-  MISS_GRID_STRIDE_LOOP(index, total) {
-    // Atomic: many threads may find a non-finite value and clear the same flag.
-    if (!device::is_finite(static_cast<double>(merged(index, weight[index])))) device::atomic_store(all_finite, 0);
+MISS_GLOBAL void shard_merge_finite_kernel(MergeRows<scalar_t> merge, gptr<int> MISS_RESTRICT all_finite) {
+  for (int64_t o = blockIdx.y; o < merge.out; o += gridDim.y) {
+    for (int32_t i = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x); i < merge.in;
+         i += static_cast<int32_t>(blockDim.x * gridDim.x)) {
+      const double merged = static_cast<double>(static_cast<scalar_t>(
+          static_cast<at::opmath_type<scalar_t>>(merge.weight[o * merge.in + i]) + merge.delta(o, i % merge.r)));
+      // Atomic: many threads may find a non-finite value and clear the same flag.
+      if (!device::is_finite(merged)) device::atomic_store(all_finite, 0);
+    }
+  }
+}
+
+// bf16 pieces of a float32 array (kernels.h bf16_pieces): each thread splits one value and
+// writes every slot that holds one of its pieces.
+MISS_GLOBAL void bf16_pieces_kernel(gptr<const float> MISS_RESTRICT t, int64_t rows, int64_t cols,
+                                    PiecePattern pattern, bool along_rows, gptr<at::BFloat16> MISS_RESTRICT out) {
+  MISS_GRID_STRIDE_LOOP(index, rows * cols) {
+    const int64_t n = index / cols, c = index % cols;
+    float rest = t[index];
+    at::BFloat16 piece[3];
+    for (int p = 0; p < 3; ++p) {
+      piece[p] = static_cast<at::BFloat16>(rest);
+      rest -= static_cast<float>(piece[p]);  // exact: the rounding error of a float32 to 8 bits
+    }
+    for (int s = 0; s < pattern.slots; ++s) {
+      const int64_t at = along_rows ? (s * rows + n) * cols + c : n * pattern.slots * cols + s * cols + c;
+      out[at] = piece[pattern.piece[s]];
+    }
   }
 }
 
@@ -183,14 +263,45 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   });
 }
 
+namespace {
+
+// The row-wise launch shape of the merge kernels: enough column blocks for one row, rows over
+// gridDim.y (capped; the kernels stride over the rest).
+auto merge_grid(int64_t out, int64_t in, int vec) {
+  const int64_t column_blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(ceil_div(in, vec), kThreads), 1024));
+  return device::grid_2d(static_cast<unsigned int>(column_blocks), static_cast<unsigned int>(std::min<int64_t>(out, 65535)));
+}
+
+template <typename scalar_t>
+MergeRows<scalar_t> merge_rows(const at::Tensor& weight, const at::Tensor& block_t, float sign) {
+  TORCH_CHECK(weight.size(1) < (int64_t{1} << 31), "miss: merge of a weight with ", weight.size(1),
+              " in_features (at most 2^31 - 1 per row on CUDA)");
+  return MergeRows<scalar_t>{device::input<scalar_t>(weight, "weight"),
+                             device::input<at::opmath_type<scalar_t>>(block_t, "block_t"), weight.size(0),
+                             block_t.size(0), static_cast<int32_t>(weight.size(1)),
+                             static_cast<int32_t>(block_t.size(1)), sign};
+}
+
+}  // namespace
+
 void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign, at::Tensor& result) {
   const int64_t out = weight.size(0), in = weight.size(1);
   if (weight.numel() == 0) return;
   MISS_DEVICE_GUARD(weight);
+  const at::Tensor block_t = block_acc.t().contiguous();  // [m, r]: coalesced reads
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_cuda", [&] {
-    const MergeUpdate<scalar_t> update{device::input<at::opmath_type<scalar_t>>(block_acc, "block"), in,
-                                       block_acc.size(0), block_acc.size(1), sign};
-    launch_update_rows<scalar_t>(weight, result, out * in, update);
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool aligned = reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(result.const_data_ptr()) % 16 == 0 &&
+                         (in * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0;
+    const MergeRows<scalar_t> merge = merge_rows<scalar_t>(weight, block_t, sign);
+    const auto res = weight.is_same(result) ? device::inout<scalar_t>(result, "result")
+                                            : device::output<scalar_t>(result, "result");
+    if (aligned) {
+      MISS_LAUNCH(shard_merge_kernel<kVec>, merge_grid(out, in, kVec), kThreads, merge, res);
+    } else {
+      MISS_LAUNCH(shard_merge_kernel<1>, merge_grid(out, in, 1), kThreads, merge, res);
+    }
   });
 }
 
@@ -198,16 +309,24 @@ bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc
   const int64_t out = weight.size(0), in = weight.size(1);
   if (weight.numel() == 0) return true;
   MISS_DEVICE_GUARD(weight);
+  const at::Tensor block_t = block_acc.t().contiguous();
   at::Tensor all_finite = at::ones({1}, weight.options().dtype(at::kInt));
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_finite_cuda", [&] {
-    const MergeUpdate<scalar_t> merged{device::input<at::opmath_type<scalar_t>>(block_acc, "block"), in,
-                                       block_acc.size(0), block_acc.size(1), sign};
-    const auto weight_ptr = device::input<scalar_t>(weight, "weight");
+    const MergeRows<scalar_t> merge = merge_rows<scalar_t>(weight, block_t, sign);
     const auto flag = device::inout<int>(all_finite, "all_finite");
-    MISS_LAUNCH(shard_merge_finite_kernel<scalar_t>, device::blocks_for(out * in), kThreads, weight_ptr,
-                out * in, merged, flag);
+    MISS_LAUNCH(shard_merge_finite_kernel<scalar_t>, merge_grid(out, in, 1), kThreads, merge, flag);
   });
   return all_finite.item<int>() == 1;
+}
+
+void bf16_pieces(const at::Tensor& t, const PiecePattern& pattern, bool along_rows, at::Tensor& out) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.numel() == 0) return;
+  MISS_DEVICE_GUARD(t);
+  const auto t_ptr = device::input<float>(t, "t");
+  const auto out_ptr = device::output<at::BFloat16>(out, "out");
+  MISS_LAUNCH(bf16_pieces_kernel, device::blocks_for(rows * cols), kThreads, t_ptr, rows, cols, pattern, along_rows,
+              out_ptr);
 }
 
 }  // namespace MISS_CUDA_NAMESPACE

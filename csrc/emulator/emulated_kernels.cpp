@@ -2,5 +2,4 @@
 // miss::emulated_cuda: the same source as the GPU build, run under the emulator.
 #define MISS_EMULATE_CUDA
 #define MISS_CUDA_NAMESPACE emulated_cuda
-#include "../cuda/bat_kernels.cuh"
 #include "../cuda/shard_kernels.cuh"

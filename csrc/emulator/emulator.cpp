@@ -71,6 +71,7 @@ struct Launch {
   ucontext_t scheduler;
   std::mt19937_64 rng;
   uint64_t launches = 0;
+  uint64_t philox_calls = 0;  // of the running launch
   const std::function<void()>* body = nullptr;
 };
 
@@ -239,6 +240,10 @@ void register_buffer(const void* base, size_t bytes, size_t element_size, Role r
   state.buffers.emplace(address, std::move(b));
 }
 
+void note_philox_call() {
+  if (state.running) ++state.philox_calls;
+}
+
 bool check_alignment(const void* address, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(address) % bytes == 0) return true;
   std::ostringstream text;
@@ -311,9 +316,16 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   std::ostringstream line;
   line << kernel << " grid=(" << grid.x << "," << grid.y << "," << grid.z << ") block=(" << block.x << ","
        << block.y << "," << block.z << ")";
+  // The memory the launch may touch, as name:role:bytes: what benchmarks/gpu_cost_model.py
+  // prices a kernel's traffic by (each buffer read and/or written once).
+  for (const auto& [base, b] : state.buffers) {
+    const char* role = b.role == Role::kInput ? "in" : b.role == Role::kOutput ? "out" : "inout";
+    line << " " << b.name << ":" << role << ":" << b.bytes;
+  }
   launch_log().push_back(line.str());
 
   state.running = true;
+  state.philox_calls = 0;
   state.kernel = kernel;
   state.error.clear();
   state.shadow.clear();
@@ -333,6 +345,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   if (state.error.empty()) check_outputs_written();
   const std::string error = state.error;
   state.running = false;
+  if (state.philox_calls) launch_log().back() += " philox=" + std::to_string(state.philox_calls);
   state.buffers.clear();
   state.shared.clear();
   state.shared_storage.clear();

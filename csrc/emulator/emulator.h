@@ -49,7 +49,8 @@ struct Config {
 };
 Config& config();
 
-// One line per launch since the last clear: "kernel grid=(x,y,z) block=(x,y,z)".
+// One line per launch since the last clear: "kernel grid=(x,y,z) block=(x,y,z)" and then
+// "name:role:bytes" for each buffer it was given (role in, out or inout).
 std::vector<std::string>& launch_log();
 
 // Declares a buffer the next launch may access: [base, base + bytes), elements of
@@ -62,6 +63,10 @@ bool access(const void* address, size_t bytes, bool write, bool atomic);
 
 // Checks a vector access: `address` must be aligned to `bytes`, as the hardware requires.
 bool check_alignment(const void* address, size_t bytes);
+
+// Counts one Philox4x32-10 evaluation of the running launch (the launch log reports them:
+// the cost model prices the integer work of dropout by them).
+void note_philox_call();
 
 // The block's shared array `name` (the same memory for every thread of the block).
 void* shared_array(const char* name, size_t bytes, size_t element_size);

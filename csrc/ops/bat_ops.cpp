@@ -1,11 +1,11 @@
 // BAT ops. The adapted weight W' (W_kj + W_kj B_k + B_k per r x r tile) is built for the
 // forward GEMM and rebuilt in backward rather than kept: PEFT keeps weight-sized copies for
-// backward, which is where its extra memory goes. The backward needs the full
-// G = dy^T x (the gradient with respect to W'), computed in float32.
+// backward, which is where its extra memory goes. The backward needs G = dy^T x (the
+// gradient with respect to W'), computed in float32; on CUDA a slab of its rows at a time.
 #include <c10/core/DeviceGuard.h>
 
 #include "../checks.h"
-#include "../kernels.h"
+#include "bat_batched.h"
 #include "../tensor_views.h"
 #include "gemm.h"
 #include "ops.h"
@@ -23,7 +23,7 @@ void check_bat_layer(const char* op, const at::Tensor& weight, const at::Tensor&
 at::Tensor transformed_weight(const at::Tensor& weight, const at::Tensor& block) {
   const at::Tensor w = weight.contiguous();
   at::Tensor result = at::empty_like(w);
-  MISS_ROUTE(w, bat_transform, w, block.to(accumulate_dtype(w.scalar_type())).contiguous(), result);
+  bat_batched::transform(w, block.to(accumulate_dtype(w.scalar_type())).contiguous(), result);
   return result;
 }
 
@@ -31,15 +31,28 @@ at::Tensor transformed_weight(const at::Tensor& weight, const at::Tensor& block)
 at::Tensor block_grad_of(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r) {
   const at::ScalarType acc = accumulate_dtype(weight.scalar_type());
   at::Tensor grad_block = at::empty({weight.size(0) / r, r, r}, weight.options().dtype(acc));
-  MISS_ROUTE(weight, bat_block_grad, grad_weight.to(acc).contiguous(), weight.contiguous(), grad_block);
+  bat_batched::block_grad(grad_weight.to(acc).contiguous(), weight.contiguous(), grad_block);
   return grad_block;
 }
 
 at::Tensor weight_grad_of(const at::Tensor& grad_weight, const at::Tensor& block) {
   const at::Tensor g = grad_weight.contiguous();
   at::Tensor result = at::empty_like(g);
-  MISS_ROUTE(g, bat_weight_grad, g, block.to(accumulate_dtype(g.scalar_type())).contiguous(), result);
+  bat_batched::weight_grad(g, block.to(accumulate_dtype(g.scalar_type())).contiguous(), result);
   return result;
+}
+
+// Rows of G = dy^T x computed at once. On the CPU all of them (the measured path). On CUDA
+// G [out, in] in float32 would be the backward's largest temporary (as large as x in bf16
+// at in = out, and twice the 5% peak-memory budget over standard): slabs of whole r-row
+// blocks of at most 1/8 of x's bytes keep it small, and each slab is still one large GEMM
+// (at the benchmark shape 8 slabs of 512 rows). The rule scales with the shape, so the
+// number of slabs does not depend on the size (benchmarks/gpu_cost_model.py relies on it).
+int64_t g_slab_rows(const at::Tensor& x, int64_t out, int64_t in, int64_t r) {
+  if (!on_cuda_path(x)) return std::max<int64_t>(out, 1);
+  const int64_t budget_bytes = x.numel() * static_cast<int64_t>(x.element_size()) / 8;
+  const int64_t row_bytes = std::max<int64_t>(1, in * static_cast<int64_t>(sizeof(float)));
+  return std::max<int64_t>(r, budget_bytes / row_bytes / r * r);
 }
 
 void check_x_for_weight(const char* op, const at::Tensor& x, const at::Tensor& weight) {
@@ -128,9 +141,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
     // rounded to bf16 would carry a 2^-9 relative error into every one of them. The operands
     // stay in their dtype where the device can (mm_accumulate).
     const at::ScalarType acc = accumulate_dtype(x.scalar_type());
-    const at::Tensor g = mm_accumulate(dy.t(), x.reshape({rows, in}), acc);
-    if (need_block) grad_block = block_grad_of(g, weight, block.size(-1)).to(block.scalar_type());
-    if (need_weight) grad_weight = weight_grad_of(g, block).to(weight.scalar_type());
+    const at::Tensor x2d = x.reshape({rows, in});
+    const at::Tensor dy_t = dy.t();
+    const int64_t r = block.size(-1), step = g_slab_rows(x, out, in, r);
+    if (need_block) grad_block = at::empty({out / r, r, r}, block.options().dtype(acc));
+    if (need_weight) grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+    for (int64_t first = 0; first < out; first += step) {
+      const int64_t count = std::min(step, out - first);
+      const at::Tensor g = mm_accumulate(dy_t.narrow(0, first, count), x2d, acc);
+      if (need_block) {
+        at::Tensor slab = grad_block.narrow(0, first / r, count / r);
+        bat_batched::block_grad(g, weight.narrow(0, first, count).contiguous(), slab);
+      }
+      if (need_weight) {
+        at::Tensor slab = grad_weight.narrow(0, first, count);
+        slab.copy_(weight_grad_of(g, block.narrow(0, first / r, count / r)));
+      }
+    }
+    if (need_block) grad_block = grad_block.to(block.scalar_type());
   }
   return {grad_x, grad_weight, grad_block};
 }

@@ -5,6 +5,7 @@
 
 #include "../checks.h"
 #include "../kernels.h"
+#include "bat_batched.h"
 #include "ops.h"
 
 namespace miss {
@@ -66,11 +67,11 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite) {
     return;
   }
   if (!check_finite) {
-    MISS_ROUTE(weight, bat_transform, weight, block_acc, weight);
+    bat_batched::transform(weight, block_acc, weight);
     return;
   }
   at::Tensor merged = at::empty_like(weight);
-  MISS_ROUTE(weight, bat_transform, weight, block_acc, merged);
+  bat_batched::transform(weight, block_acc, merged);
   TORCH_CHECK(at::isfinite(merged).all().item<bool>(),
               "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
   weight.copy_(merged);
@@ -85,7 +86,7 @@ void unmerge_(at::Tensor& weight, const at::Tensor& block) {
     return;
   }
   const at::Tensor inverse = checked_inverse_of_identity_plus(block);
-  MISS_ROUTE(weight, bat_unmerge, weight, block_acc, inverse);
+  bat_batched::unmerge(weight, block_acc, inverse);
 }
 
 }  // namespace miss

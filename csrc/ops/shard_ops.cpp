@@ -8,6 +8,7 @@
 #include "../checks.h"
 #include "../kernels.h"
 #include "../tensor_views.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace miss {
@@ -40,6 +41,13 @@ void add_shard_delta_(at::Tensor& y2d, const at::Tensor& fold, const at::Tensor&
   if (rows == 0) return;
   if (m == out && y2d.scalar_type() == block_acc.scalar_type()) {
     y2d.addmm_(fold, block_acc);  // one GEMM accumulating into y, no temporary
+    return;
+  }
+  if (m == out && thin_gemms_on_pieces(y2d)) {
+    // f @ B as hi(f) hi(B) + hi(f) lo(B) + lo(f) hi(B): the three products side by side along
+    // the contraction, one tensor-core GEMM into y (16 significand bits of each factor; the
+    // dropped lo lo term is 2^-16 relative, far below y's bf16 rounding).
+    addmm_accumulate_(y2d, bf16_pieces_of(fold, {0, 0, 1}, 1), bf16_pieces_of(block_acc, {0, 1, 0}, 0));
     return;
   }
   const int64_t step = chunk_rows(y2d, m);
@@ -220,8 +228,22 @@ std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
   // g = h @ B^T (for the tile into grad_x) and dB = fold^T @ h, with h = dy folded along out
   // to [N, m] (mini) or dy itself (standard), always in the accumulation dtype.
   at::Tensor g = need_g ? at::empty({rows, r}, fold_acc.options()) : at::Tensor();
-  at::Tensor grad_block_acc = need_block ? at::zeros({r, m}, fold_acc.options()) : at::Tensor();
-  if (m < out || dy.scalar_type() == acc) {
+  const bool on_pieces = m == out && thin_gemms_on_pieces(dy);
+  at::Tensor grad_block_acc;  // accumulated into by the float32 paths, written by the pieces one
+  if (need_block) grad_block_acc = on_pieces ? at::empty({r, m}, fold_acc.options()) : at::zeros({r, m}, fold_acc.options());
+  if (on_pieces) {
+    // Tensor cores, dy read as it is (gemm.h): g from two pieces of B (g goes into a bf16 dx),
+    // dB from three pieces of f (dB is float32: all 24 bits). Each GEMM writes the piece
+    // products side by side; a small add sums them.
+    if (need_g) {
+      const at::Tensor parts = mm_accumulate(dy, bf16_pieces_of(block_acc, {0, 1}, 0).t(), acc);
+      at::add_out(g, parts.narrow(1, 0, r), parts.narrow(1, r, r));
+    }
+    if (need_block) {
+      const at::Tensor parts = mm_accumulate(bf16_pieces_of(fold_acc, {0, 1, 2}, 1).t(), dy, acc);
+      at::sum_out(grad_block_acc, parts.view({3, r, m}), 0);
+    }
+  } else if (m < out || dy.scalar_type() == acc) {
     at::Tensor h = dy;
     if (m < out) {
       h = at::empty({rows, m}, fold_acc.options());

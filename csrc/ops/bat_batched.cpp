@@ -1,16 +1,14 @@
-// CPU kernels of the BAT variant, as batched GEMMs through ATen (MKL). The r x r tile
-// products are small GEMMs: viewed as W3 = W.view(out / r, in, r), row-block k of W is the
-// [in, r] matrix whose row a * (in / r) + j is row a of tile (k, j), so that
+// The BAT tile products as batched GEMMs (bat_batched.h), on every device. Viewed as
+// W3 = W.view(out / r, in, r), row-block k of W is the [in, r] matrix whose row a * (in / r) + j is row a of tile (k, j), so that
 //   W'_kj = W_kj B_k + W_kj + B_k   is   W3[k] @ B_k + W3[k] + (B_k[a] on rows a * (in/r) + j)
-// and every tile of a row-block is one batch entry. A hand-written loop ran the same products
-// without FMA vectorisation (the wheel's baseline ISA) several times slower than MKL.
-// Low-precision weights are widened to the accumulation dtype first: a transient copy.
-#include <ATen/ATen.h>
-
-#include "../kernels.h"
+// and every tile of a row-block is one batch entry. Low-precision weights are widened to the
+// accumulation dtype first (a transient copy): the products then run in float32 with one
+// rounding on store, as on the CPU before. On CUDA that makes them float32 (SIMT) GEMMs of
+// 2 * out * in * r FLOPs; benchmarks/gpu_cost_model.py prices them.
+#include "bat_batched.h"
 
 namespace miss {
-namespace cpu {
+namespace bat_batched {
 namespace {
 
 // [out, in] -> [out / r, in, r] in dtype: a view of w when it already has that dtype and
@@ -27,7 +25,7 @@ void add_block_rows_(at::Tensor& t3, const at::Tensor& block) {
 
 }  // namespace
 
-void bat_transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Tensor& out) {
+void transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Tensor& out) {
   if (weight.numel() == 0) return;
   const int64_t r = block_acc.size(-1);
   const at::Tensor w3 = row_blocks(weight, r, block_acc.scalar_type());
@@ -44,7 +42,7 @@ void bat_transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Te
   out.copy_(result.view(weight.sizes()));
 }
 
-void bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, at::Tensor& grad_block) {
+void block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, at::Tensor& grad_block) {
   if (grad_block.numel() == 0) return;
   const int64_t r = grad_block.size(-1), k = grad_block.size(0);
   const at::Tensor w3 = row_blocks(weight, r, grad_block.scalar_type());
@@ -54,13 +52,13 @@ void bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, at:
   grad_block.add_(g3.view({k, r, g3.size(1) / r, r}).sum(2));
 }
 
-void bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block_acc, at::Tensor& out) {
+void weight_grad(const at::Tensor& grad_weight, const at::Tensor& block_acc, at::Tensor& out) {
   if (grad_weight.numel() == 0) return;
   const at::Tensor g3 = row_blocks(grad_weight, block_acc.size(-1), block_acc.scalar_type());
   out.copy_(at::baddbmm(g3, g3, block_acc.transpose(1, 2)).view(grad_weight.sizes()));
 }
 
-void bat_unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tensor& inverse) {
+void unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tensor& inverse) {
   if (weight.numel() == 0) return;
   // float64 here: the inverse amplifies rounding by cond(I + B_k), and unmerge must return
   // W within rounding of what was merged.
@@ -69,5 +67,5 @@ void bat_unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tens
   weight.copy_(at::bmm(shifted, inverse).view(weight.sizes()));
 }
 
-}  // namespace cpu
+}  // namespace bat_batched
 }  // namespace miss

@@ -1,0 +1,240 @@
+"""Predicted GPU time and memory of one adapted layer's forward+backward: PREDICTIONS, made
+without a GPU, from what each implementation issues (benchmarks/gpu_trace.py) priced by a
+roofline per call. Ours (miss_ext's CUDA path, recorded on the emulated CUDA device) against
+the frozen nn.Linear, PEFT's MiSS and PEFT's LoRA, on an H100 SXM and an H200 SXM.
+
+    python benchmarks/gpu_cost_model.py              # tokens 8192, in = out = 4096, r 64, bf16
+    python benchmarks/gpu_cost_model.py --measured benchmarks/results/layer_cuda_<...>.json
+
+The model (every figure is an assumption, stated here and in the results file):
+- A GEMM takes max(FLOPs / (peak * GEMM_EFFICIENCY), bytes / (HBM * MEMORY_EFFICIENCY)), with
+  the peak of its operands' dtype: bf16/fp16 tensor cores, or float32 on the SIMT cores (torch
+  does not use TF32 for float32 matmuls by default). Operands and output are read and written
+  once.
+- Every other call is memory-bound: bytes / (HBM * MEMORY_EFFICIENCY); for our kernels the
+  bytes are the buffers the emulator saw each launch given (inputs read once, outputs written
+  once, in-place buffers both).
+- Dropout is integer work: each Philox4x32-10 call (counted per launch by the emulator for our
+  kernels; one per 4 elements for torch's dropout) costs PHILOX_INT_OPS INT32 instructions,
+  and a kernel takes the longer of its memory time and its integer time.
+- Each GPU call costs at least KERNEL_FLOOR_US and adds LAUNCH_GAP_US between kernels.
+- The host issues calls asynchronously: HOST_US_PER_ATEN_CALL per ATen call of the op bodies
+  and HOST_US_PER_PYTHON_CALL per call from Python (op wrappers, autograd nodes). The step
+  takes max(GPU time, host time).
+- Peak memory: what the step allocates (outputs, saved tensors, temporaries), recorded by the
+  profiler at the probe shape and scaled; inputs (x, W, dy) excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_trace  # noqa: E402
+import gpu_variants  # noqa: E402
+
+# Published peak rates, dense (no sparsity). Sources: NVIDIA H100 Tensor Core GPU datasheet
+# (H100 SXM5: FP32 67 TFLOPS, TF32 494.7, BF16/FP16 989.4 dense, HBM3 3.35 TB/s) and NVIDIA
+# H200 Tensor Core GPU datasheet (H200 SXM: same compute, HBM3e 4.8 TB/s).
+GPUS = {
+    "H100 SXM": {"bf16_tflops": 989.4, "fp16_tflops": 989.4, "tf32_tflops": 494.7, "fp32_tflops": 66.9,
+                 "fp64_tflops": 66.9, "int32_tops": 16.7, "hbm_tb_s": 3.35},
+    "H200 SXM": {"bf16_tflops": 989.4, "fp16_tflops": 989.4, "tf32_tflops": 494.7, "fp32_tflops": 66.9,
+                 "fp64_tflops": 66.9, "int32_tops": 16.7, "hbm_tb_s": 4.8},
+}
+GEMM_EFFICIENCY = 0.70  # fraction of the peak a large cuBLAS GEMM sustains (assumed)
+MEMORY_EFFICIENCY = 0.85  # fraction of HBM bandwidth a streaming kernel sustains (assumed)
+KERNEL_FLOOR_US = 2.0  # shortest kernel (assumed)
+LAUNCH_GAP_US = 1.0  # idle GPU time between dependent kernels (assumed)
+HOST_US_PER_ATEN_CALL = 1.5  # C++ dispatcher overhead per ATen call (assumed)
+HOST_US_PER_PYTHON_CALL = 8.0  # Python op call or autograd node (assumed)
+PHILOX_INT_OPS = 130  # integer instructions per Philox4x32-10 call: 10 rounds of 2 wide multiplies,
+#                      xors and key updates (assumed; counted from the algorithm, not measured)
+INT_EFFICIENCY = 0.7  # fraction of INT32 peak a Philox-bound kernel sustains (assumed)
+
+ASSUMPTIONS = {
+    "gemm_efficiency": GEMM_EFFICIENCY, "memory_efficiency": MEMORY_EFFICIENCY,
+    "kernel_floor_us": KERNEL_FLOOR_US, "launch_gap_us": LAUNCH_GAP_US,
+    "host_us_per_aten_call": HOST_US_PER_ATEN_CALL, "host_us_per_python_call": HOST_US_PER_PYTHON_CALL,
+    "philox_int_ops": PHILOX_INT_OPS, "int_efficiency": INT_EFFICIENCY,
+    "torch_dropout": "torch's CUDA dropout draws 4 uniforms per Philox call (one call per 4 elements)",
+    "peak_sources": "NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM, dense)",
+    "fp32_matmul": "float32 GEMMs on SIMT cores (torch.backends.cuda.matmul.allow_tf32 defaults to False)",
+}
+
+BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "long int": 8, "int": 4, "bool": 1,
+         "unsigned char": 1, "signed char": 1, "short int": 2, "": 0}
+GEMMS = {"aten::mm": "mm", "aten::addmm": "addmm", "aten::addmm_": "addmm", "aten::bmm": "bmm",
+         "aten::baddbmm": "baddbmm", "aten::baddbmm_": "baddbmm", "mm.dtype": "mm", "addmm_": "addmm"}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _peak_tflops(gpu: Dict, dtype: str) -> float:
+    return gpu[{"c10::BFloat16": "bf16_tflops", "c10::Half": "fp16_tflops", "double": "fp64_tflops"}.get(
+        dtype, "fp32_tflops")]
+
+
+def gemm_cost(call: gpu_trace.Call):
+    """(FLOPs, bytes, operand dtype) of a GEMM call from its input shapes."""
+    kind = GEMMS[call.name]
+    shapes, dtypes = call.shapes, call.dtypes
+    if kind in ("addmm", "baddbmm"):  # (c, a, b): c is read, the result has c's shape
+        c, a, b = shapes[:3]
+        c_bytes = _numel(c) * BYTES[dtypes[0]]
+        a_dtype, b_dtype, out_bytes = dtypes[1], dtypes[2], _numel(c) * BYTES[dtypes[0]]
+    else:
+        a, b = shapes[:2]
+        c_bytes = 0
+        a_dtype, b_dtype = dtypes[0], dtypes[1]
+        out_elements = _numel(a[:-1]) * b[-1]
+        out_bytes = out_elements * (4 if call.name == "mm.dtype" else BYTES[a_dtype])
+    batch = a[0] if len(a) == 3 else 1
+    m, k, n = a[-2], a[-1], b[-1]
+    flops = 2 * batch * m * k * n
+    bytes_ = _numel(a) * BYTES[a_dtype] + _numel(b) * BYTES[b_dtype] + c_bytes + out_bytes
+    return flops, bytes_, a_dtype
+
+
+def elementwise_bytes(call: gpu_trace.Call) -> int:
+    """Bytes of a memory-bound ATen call: its tensor inputs read, and an output the size of
+    its largest input written (reductions: of the first input divided by its reduced size is
+    not known here, so a reduction is charged its input only)."""
+    sizes = [_numel(s) * BYTES.get(d, 4) for s, d in zip(call.shapes, call.dtypes) if s]
+    if not sizes:
+        return 0
+    if call.name in ("aten::sum", "aten::mean", "aten::all", "aten::any", "aten::amax", "aten::norm"):
+        return sum(sizes)
+    if call.name == "aten::copy_":  # (dst, src)
+        return sum(sizes[:2])
+    if call.name.endswith("_"):  # in place on the first input: read and written
+        return sum(sizes) + sizes[0]
+    return sum(sizes) + max(sizes)
+
+
+def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
+    """Predicted microseconds of a trace on `gpu`, with its launches and dominant call."""
+    bandwidth = gpu["hbm_tb_s"] * 1e12 * MEMORY_EFFICIENCY
+    gpu_us, rows = 0.0, []
+    for call in trace.calls:
+        int_rate = gpu["int32_tops"] * 1e12 * INT_EFFICIENCY
+        if call.buffers:  # our kernel
+            bytes_ = sum(b * (2 if role == "inout" else 1) for _, role, b in call.buffers)
+            philox_us = call.philox_calls * PHILOX_INT_OPS / int_rate * 1e6
+            us, flops, kind = max(bytes_ / bandwidth * 1e6, philox_us), 0, "kernel"
+        elif call.name in GEMMS:
+            flops, bytes_, dtype = gemm_cost(call)
+            compute = flops / (_peak_tflops(gpu, dtype) * 1e12 * GEMM_EFFICIENCY)
+            us, kind = max(compute, bytes_ / bandwidth) * 1e6, f"gemm {dtype}"
+        else:
+            bytes_, flops, kind = elementwise_bytes(call), 0, "memory"
+            us = bytes_ / bandwidth * 1e6
+            if call.name in ("aten::bernoulli_", "aten::native_dropout", "aten::bernoulli"):
+                philox_us = _numel(call.shapes[0]) / 4 * PHILOX_INT_OPS / int_rate * 1e6
+                us, kind = max(us, philox_us), "dropout"
+        us = max(us, KERNEL_FLOOR_US) + LAUNCH_GAP_US
+        gpu_us += us
+        rows.append({"call": call.name, "phase": call.phase, "kind": kind, "us": round(us, 2),
+                     "flops": flops, "bytes": bytes_, "shapes": [list(s) for s in call.shapes]})
+    host_us = trace.host_calls * HOST_US_PER_ATEN_CALL + trace.python_calls * HOST_US_PER_PYTHON_CALL
+    dominant = sorted(rows, key=lambda r: -r["us"])[:3]
+    return {"us": max(gpu_us, host_us), "gpu_us": gpu_us, "host_us": host_us, "launches": len(trace.calls),
+            "peak_mib": trace.peak_bytes / 2**20, "dominant": dominant, "calls": rows}
+
+
+def predict(shape: gpu_trace.Shape, scale: int) -> Dict:
+    traces = gpu_variants.record_all(shape, scale)
+    results = {}
+    for gpu_name, gpu in GPUS.items():
+        priced = {name: price(trace, gpu) for name, trace in traces.items()}
+        base = priced["frozen Linear"]
+        results[gpu_name] = {
+            name: {"ratio": p["us"] / base["us"], "us": p["us"], "gpu_us": p["gpu_us"], "host_us": p["host_us"],
+                   "launches": p["launches"], "peak_mib": p["peak_mib"], "peak_vs_frozen_mib": p["peak_mib"] - base["peak_mib"],
+                   "dominant": [f"{d['phase']} {d['call']} {d['shapes']}: {d['us']:.1f} us" for d in p["dominant"]],
+                   "calls": p["calls"]}
+            for name, p in priced.items()}
+    merges = gpu_variants.record_merges(shape, scale)
+    for gpu_name, gpu in GPUS.items():
+        priced = {name: price(trace, gpu) for name, trace in merges.items()}
+        base = priced["W.copy_()"]
+        results[gpu_name + " merge"] = {
+            name: {"ratio": p["us"] / base["us"], "us": p["us"], "gpu_us": p["gpu_us"], "host_us": p["host_us"],
+                   "launches": p["launches"], "peak_mib": p["peak_mib"], "peak_vs_frozen_mib": 0.0,
+                   "dominant": [f"{d['call']} {d['shapes']}: {d['us']:.1f} us" for d in p["dominant"]],
+                   "calls": p["calls"]}
+            for name, p in priced.items()}
+    return results
+
+
+def report(results: Dict, shape: gpu_trace.Shape) -> str:
+    lines = [f"PREDICTIONS (no GPU used): fwd+bwd of one layer, tokens {shape.tokens}, in {shape.in_features}, "
+             f"out {shape.out_features}, r {shape.r}, mini_r {shape.mini_r}; bf16 model, fp32 adapter", ""]
+    for gpu_name, rows in results.items():
+        baseline = "W.copy_()" if gpu_name.endswith("merge") else "frozen Linear"
+        lines += [f"## {gpu_name} (predicted)", "",
+                  f"| implementation | predicted ratio to {baseline} | predicted us | launches | predicted peak MiB | dominant call |",
+                  "|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            lines.append(f"| {name} | {row['ratio']:.2f}x | {row['us']:.0f} | {row['launches']} | "
+                         f"{row['peak_mib']:.0f} | {row['dominant'][0] if row['dominant'] else ''} |")
+        lines.append("")
+    lines += ["Assumptions: " + json.dumps(ASSUMPTIONS), ""]
+    return "\n".join(lines)
+
+
+def compare_with_measurement(results: Dict, path: str) -> str:
+    """Predicted vs measured ratios, for a bench_layer.py result file written on a GPU."""
+    with open(path) as f:
+        measured = json.load(f)
+    device = measured.get("device", "")
+    gpu_name = "H200 SXM" if "H200" in device else "H100 SXM"
+    lines = [f"prediction ({gpu_name}) vs measurement ({device}, {path})"]
+    for case in measured.get("cases", []):
+        name = case.get("variant")
+        for predicted_name, row in results[gpu_name].items():
+            if predicted_name.startswith(f"miss_ext {name}") and "ratio_to_frozen" in case:
+                lines.append(f"  {predicted_name}: predicted {row['ratio']:.2f}x, measured {case['ratio_to_frozen']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--in-features", type=int, default=4096)
+    parser.add_argument("--out-features", type=int, default=4096)
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--mini-r", type=int, default=16)
+    parser.add_argument("--scale", type=int, default=4, help="the probe shape is the target divided by this")
+    parser.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--measured", help="a bench_layer.py JSON result measured on a GPU, to compare with")
+    args = parser.parse_args(argv)
+    shape = gpu_trace.Shape(args.tokens, args.in_features, args.out_features, args.r, args.mini_r)
+    results = predict(shape, args.scale)
+    text = report(results, shape)
+    print(text)
+    if args.measured:
+        print(compare_with_measurement(results, args.measured))
+    stem = os.path.join(args.results_dir, f"gpu_cost_model_predictions_{shape.tokens}x{shape.in_features}x"
+                                          f"{shape.out_features}_r{shape.r}")
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    with open(stem + ".json", "w") as f:
+        json.dump({"label": "PREDICTION, not a measurement", "shape": vars(shape) if hasattr(shape, "__dict__") else
+                   shape.__dict__, "assumptions": ASSUMPTIONS, "gpus": GPUS, "results": results}, f, indent=1)
+    print(f"wrote {stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""What one adapted layer's forward+backward issues on a GPU, recorded without a GPU.
+
+- miss_ext: its ops run on the emulated CUDA device (torch.ops.miss_emulated_cuda, see
+  docs/cuda-emulator.md), which takes every decision the CUDA path takes. torch.profiler
+  records each ATen call of the op bodies (with shapes and dtypes), each kernel launch (the
+  range `miss::cuda_kernel::<name>`, matched with the emulator's launch log, which lists the
+  buffers the launch was given and their sizes) and each cuBLAS call the CPU stands in for
+  (`miss::cuda_stand_in::<call>`).
+- PEFT's MiSS and LoRA and the frozen nn.Linear: pure PyTorch, so their CPU trace is the
+  sequence of ATen calls they would issue on CUDA (forward and autograd backward).
+
+Recording runs at a probe shape: the target shape divided by `scale` (tokens, in, out, r and
+mini_r alike). Every decision of the CUDA path is size-independent at fixed ratios (no
+CPU-sized chunks on CUDA; bat's G slabs are a fixed fraction of x), so the same calls are
+issued at the target shape, with each dimension that came from N, in, out, r or mini_r
+multiplied by `scale` (dimensions such as out / r do not change), and every allocation,
+being a product of two such dimensions, multiplied by scale^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+KERNEL, STAND_IN = "miss::cuda_kernel::", "miss::cuda_stand_in::"
+
+
+@dataclasses.dataclass
+class Call:
+    """One call that becomes GPU work: an ATen op, a stand-in for a cuBLAS call, or a kernel."""
+    name: str
+    shapes: List[Tuple[int, ...]]  # input shapes at the target shape ([] for a kernel)
+    dtypes: List[str]
+    buffers: List[Tuple[str, str, int]] = dataclasses.field(default_factory=list)  # kernels: (name, role, bytes)
+    phase: str = ""  # "forward" or "backward"
+    philox_calls: int = 0  # kernels: Philox4x32-10 evaluations (dropout), at the target shape
+
+
+@dataclasses.dataclass
+class Trace:
+    calls: List[Call]
+    host_calls: int  # every ATen call made on the host, views included
+    python_calls: int  # calls made from Python (op wrappers, autograd nodes)
+    peak_bytes: int  # peak of what the step allocates, at the target shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    tokens: int
+    in_features: int
+    out_features: int
+    r: int
+    mini_r: int
+
+    def divided(self, scale: int) -> "Shape":
+        fields = dataclasses.astuple(self)
+        if any(v % scale for v in fields):
+            raise ValueError(f"every dimension of {self} must be divisible by scale={scale}")
+        return Shape(*(v // scale for v in fields))
+
+
+# Calls that move no data: views, metadata, allocation. Everything else must have a cost rule
+# (gpu_cost_model.py) or be a composite whose children are costed.
+FREE = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose", "aten::narrow",
+    "aten::slice", "aten::as_strided", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::expand",
+    "aten::permute", "aten::resolve_conj", "aten::resolve_neg", "aten::alias", "aten::detach", "aten::empty",
+    "aten::empty_like", "aten::empty_strided", "aten::lift_fresh", "aten::_unsafe_view", "aten::unbind",
+    "aten::split", "aten::chunk", "aten::view_as", "aten::numpy_T", "detach", "aten::result_type",
+    "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::set_", "aten::unflatten",
+}
+
+
+def _events(prof):
+    """Kineto events of the calling thread: (name, start, end, shapes, dtypes), by start time."""
+    events = []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != torch.autograd.DeviceType.CPU:
+            continue
+        events.append((e.name(), e.start_ns(), e.start_ns() + e.duration_ns(), [tuple(s) for s in e.shapes()],
+                       list(e.dtypes())))
+    events.sort(key=lambda e: (e[1], -e[2]))
+    return events
+
+
+def _memory_peak(prof, stand_in_ranges) -> int:
+    """Peak of live bytes the step allocated. Inside a stand-in only what outlives it counts:
+    its float32 copies are the CPU's, cuBLAS makes none."""
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    inside = [any(a <= t <= b for a, b in stand_in_ranges) for t, _ in records]
+    live = peak = 0
+    pending = {}
+    for (t, delta), in_stand_in in zip(records, inside):
+        if in_stand_in:
+            # pair allocations and frees inside a stand-in by size; unpaired allocations are
+            # its outputs
+            if delta > 0:
+                pending[delta] = pending.get(delta, 0) + 1
+            elif pending.get(-delta):
+                pending[-delta] -= 1
+                continue
+            else:
+                live += delta
+                continue
+            continue
+        for size, count in list(pending.items()):  # the stand-in has ended: its outputs stay
+            live += size * count
+            peak = max(peak, live)
+        pending.clear()
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def _is_autograd_node(name: str) -> bool:
+    """A backward node (MmBackward0, ...): its cost is that of the calls it makes."""
+    return name.rstrip("0123456789").endswith("Backward") or name.startswith("torch::autograd::")
+
+
+def dimension_map(probe: Shape, scale: int) -> dict:
+    """Probe dimension -> its factor to the target. Dimensions that scale: N, in, out, r, the
+    2r and 3r of the bf16 pieces (csrc/ops/gemm.h), the rows of bat's G slabs (bf16 x: N / 16
+    rounded down to whole r-row blocks, csrc/ops/bat_ops.cpp g_slab_rows) and mini_r. Dimensions that do not: out / r,
+    in / r, out / mini_r, the 3 pieces and the 8 blocks of a slab. A probe where a dimension of
+    one kind equals one of the other would be read wrongly: refused."""
+    if scale == 1:
+        return {}
+    slab_rows = max(probe.r, probe.tokens // 16 // probe.r * probe.r)
+    scaling = {probe.tokens, probe.in_features, probe.out_features, probe.r, 2 * probe.r, 3 * probe.r,
+               slab_rows, probe.mini_r}
+    fixed = {probe.out_features // probe.r, probe.in_features // probe.r, probe.out_features // probe.mini_r, 3, 8, 1}
+    clash = scaling & fixed
+    if clash:
+        raise ValueError(f"probe {probe} (scale {scale}) makes dimensions {sorted(clash)} ambiguous: choose another scale")
+    return {d: scale for d in scaling}
+
+
+def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[Tuple[str, ...]] = None,
+           launch_log: Optional[Callable[[], List[str]]] = None) -> Trace:
+    """Runs `step` under the profiler and returns what it issues, scaled to the target shape.
+    `roots`: names of the ops whose insides are recorded (our ops); None: every top-level call."""
+    if launch_log is not None:
+        launch_log()  # clear
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True) as prof:
+        step()
+    launches = [line.split() for line in launch_log()] if launch_log is not None else []
+    events = _events(prof)
+    dims = dimension_map(probe, scale)
+
+    def scaled(shape):
+        return tuple(d * dims.get(d, 1) for d in shape)
+
+    calls, host_calls, python_calls, stand_ins = [], 0, 0, []
+    stack: List[Tuple[str, int, Optional[int]]] = []  # (name, end, index in calls) of enclosing events
+    phase = "forward"
+    skip_until = -1
+    for name, start, end, shapes, dtypes in events:
+        while stack and stack[-1][1] < start:
+            stack.pop()
+        if start < skip_until or name == "[memory]":
+            continue
+        if name.startswith("autograd::engine::evaluate_function") or (roots and name in roots and "backward" in name):
+            phase = "backward"
+        inside_root = roots is None or name in roots or any(n in roots for n, _, _ in stack)
+        top_level = all(n.startswith(("autograd::engine", "ProfilerStep")) for n, _, _ in stack)
+        index = None
+        if inside_root and not name.startswith("autograd::"):
+            if roots is not None and name in roots:
+                python_calls += 1
+            else:
+                python_calls += top_level
+                host_calls += 1
+                if name.startswith(KERNEL):
+                    line = launches.pop(0)
+                    assert line[0] == name[len(KERNEL):], (line, name)
+                    buffers = [(f.split(":")[0], f.split(":")[1], int(f.split(":")[2]) * scale * scale)
+                               for f in line[3:] if ":" in f]
+                    philox = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("philox="))
+                    index = len(calls)
+                    calls.append(Call(name[len(KERNEL):], [], [], buffers, phase, philox * scale * scale))
+                    skip_until = end
+                elif name not in FREE and name not in PASS_THROUGH and not _is_autograd_node(name):
+                    index = len(calls)
+                    calls.append(Call(name[len(STAND_IN):] if name.startswith(STAND_IN) else name,
+                                      [scaled(s) for s in shapes], dtypes, [], phase))
+                    skip_until = end  # priced as one GPU call, whatever the CPU does inside
+                    if name.startswith(STAND_IN):
+                        stand_ins.append((start, end))
+        stack.append((name, end, index))
+    assert not launches, f"launches without a profiler range: {launches}"
+    peak = _memory_peak(prof, stand_ins) * scale * scale
+    return Trace(calls, host_calls, python_calls, peak)
+
+
+# Composite ATen ops: not GPU work themselves; the calls they make are recorded (a to() of a
+# tensor that has the dtype already makes none). Every other op is priced as one GPU call,
+# and what its CPU implementation does inside is not recorded.
+PASS_THROUGH = {
+    "aten::linear", "aten::matmul", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone",
+    "aten::dropout", "aten::repeat", "aten::pad", "aten::constant_pad_nd", "aten::sum_to_size", "aten::flatten",
+    "aten::einsum", "aten::zeros", "aten::ones", "aten::full", "aten::zeros_like", "aten::ones_like",
+    "aten::new_zeros", "aten::new_empty", "aten::new_empty_strided", "aten::reshape_as", "aten::type_as",
+    "aten::mm.dtype", "torch::autograd::AccumulateGrad", "aten::numpy_T", "aten::linalg_inv_ex",
+}
