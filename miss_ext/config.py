@@ -110,6 +110,21 @@ class MissConfig:
     def variant(self) -> str:
         return variant_of(self.init_weights)
 
+    def __getattr__(self, name: str):
+        # Reached only for attributes a MissConfig lacks. PEFT's model-level functions read
+        # PeftConfig-only attributes first (is_prompt_learning, ...), then find the adapter's
+        # tensors by PEFT's layer classes, which miss_ext's layers are not: on a MissModel,
+        # peft.get_peft_model_state_dict would return an empty dict. It stops here, saying so.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"'MissConfig' object has no attribute {name!r}: miss_ext's MissConfig is not a peft.PeftConfig, and "
+            "PEFT's functions that take a model and find its adapters by PEFT's layer classes "
+            "(peft.get_peft_model_state_dict, peft.set_peft_model_state_dict) cannot see miss_ext's layers. Use "
+            "MissModel.adapter_state_dict(adapter_name) (PEFT's file keys) and MissModel.load_adapter(directory, "
+            "adapter_name); miss_ext.integrations.peft.to_peft_config(config) gives the peft.MissConfig"
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

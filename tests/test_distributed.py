@@ -78,7 +78,7 @@ def test_fsdp2_fully_shard_on_cpu_and_its_adapter_state_through_dcp(ranks):
         fresh = make_model(variant, dropout=0.0, seed=5)
         state = {k: v for k, v in fresh.model.state_dict().items() if ".miss_block." in k}
         dcp.load(state, checkpoint_id=os.path.join(tmp, f"dcp_{variant}"))
-        assert {f"model.{k}" for k in state} == params.keys()
+        assert {f"base_model.model.{k}" for k in state} == params.keys()
         for name, value in trainable(fresh).items():
             torch.testing.assert_close(value, params[name], rtol=1e-5, atol=1e-6)
 

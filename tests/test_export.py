@@ -1,6 +1,7 @@
 """Exact LoRA export (SPEC.md sec. 8): a standard or mini MiSS adapter written as a PEFT LoRA
 adapter gives, loaded by PEFT on the un-adapted base model, the MiSS adapter's outputs; its
-factors multiply to the MiSS delta exactly; BAT is refused with a clear error.
+factors multiply to the MiSS delta exactly; BAT without a rank is refused with a clear error
+(its truncated-SVD export: tests/test_export_svd.py).
 """
 
 from __future__ import annotations
@@ -145,10 +146,18 @@ def test_another_adapter_exports_by_name(tmp_path):
     assert_close(M.run(lora, "mlp", x), expected)
 
 
-def test_bat_is_refused_with_a_clear_error(tmp_path):
+def test_bat_without_rank_and_bad_arguments_are_refused_with_clear_errors(tmp_path):
+    """BAT has no exact LoRA: without rank= it is refused, saying why and what to pass; a bad
+    rank names the argument, the expected and the actual value; nothing is written."""
     model = get_miss_model(M.make_mlp(), MissConfig(r=8, target_modules=["fc1"], init_weights="bat"))
-    with pytest.raises(ValueError, match="BAT adapter .* not low-rank"):
+    with pytest.raises(ValueError, match="BAT adapter .* not low-rank.* pass rank="):
         export_lora(model, str(tmp_path / "lora"))
+    for rank, error, match in ((0, ValueError, "at least 1.* got 0"), (1.5, ValueError, r"\(0, 1\].* got 1.5"),
+                               (0.0, ValueError, r"\(0, 1\].* got 0.0"), ("4", TypeError, "got str '4'"),
+                               (True, TypeError, "got bool True"), (65, ValueError, r"at most min\(out_features, "
+                                                                                     r"in_features\) = 32")):
+        with pytest.raises(error, match=match):
+            export_lora(model, str(tmp_path / "lora"), rank=rank)
     assert not (tmp_path / "lora").exists()
     with pytest.raises(ValueError, match="unknown adapter"):
         export_lora(model, str(tmp_path / "lora"), adapter_name="nope")

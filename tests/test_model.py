@@ -503,7 +503,7 @@ def test_save_pretrained_layout(tmp_path):
         assert set(tensors) == {f"base_model.model.{n}.miss_block" for n in layers}
         params = dict(mm.named_parameters())
         for key, value in tensors.items():
-            name = "model." + key[len("base_model.model."):] + "." + adapter
+            name = key + "." + adapter  # PEFT's layout: a file key is the parameter's name, less the adapter
             assert torch.equal(value, params[name].detach())
         data = json.loads((directory / CONFIG_FILE).read_text())
         assert data["peft_type"] == "MISS"
@@ -547,9 +547,18 @@ def test_load_adapter(tmp_path):
     assert torch.equal(M.run(target, "llama"), y_zero)
     target.set_adapter("other")
     assert torch.equal(M.run(target, "llama"), y_other)
+    # Loading into an existing adapter replaces its weights, as PEFT does (Trainer resumes and
+    # loads the best checkpoint that way); a file that does not fit it is refused, nothing changed.
+    M.randomize_blocks(mm, "other", seed=21)
+    mm.save_pretrained(str(tmp_path / "newer"))
+    target.load_adapter(str(tmp_path / "newer" / "other"), "other")
+    y_newer = M.run(mm, "llama")
+    assert not torch.equal(y_newer, y_other)
+    assert torch.equal(M.run(target, "llama"), y_newer)
+    target.save_pretrained(str(tmp_path / "default_only"), selected_adapters=["default"])
     before = M.snapshot(target)
     with pytest.raises(ValueError, match="other"):
-        target.load_adapter(str(tmp_path / "other"), "other")
+        target.load_adapter(str(tmp_path / "default_only"), "other")
     M.assert_unchanged(target, before)
 
 

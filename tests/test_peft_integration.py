@@ -240,7 +240,7 @@ def test_without_a_peft_miss_layer_it_says_so():
 
 
 def miss_values(model):
-    return {M.strip(n, ("model.",)): p for n, p in model.named_parameters()}
+    return {M.strip(n, ("base_model.model.",)): p for n, p in model.named_parameters()}
 
 
 def peft_values(model):
@@ -296,7 +296,7 @@ def test_miss_model_with_bias_and_modules_to_save_converts_to_peft_and_back():
         ours.model.head.modules_to_save["default"].weight.mul_(1.5)
     x = M.mlp_input()
     expected = M.run(ours, "mlp", x)
-    before = {M.strip(k, ("model.",)): v.detach().clone() for k, v in ours.state_dict().items()}
+    before = {M.strip(k, ("base_model.model.",)): v.detach().clone() for k, v in ours.state_dict().items()}
     trainable = M.trainable_names(ours)
     block_dtypes = {n: p.dtype for n, p in miss_values(ours).items()}
 

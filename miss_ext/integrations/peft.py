@@ -9,7 +9,8 @@
   :func:`restore_peft_forward` removes those forwards again.
 - :func:`peft_to_miss_model` turns a PEFT MiSS model into a :class:`miss_ext.MissModel`, and
   :func:`miss_model_to_peft` a MissModel into a PEFT model: same base modules, same adapters
-  (values, dtypes, active set, trainable flags, train/eval flags).
+  (values, dtypes, active set, trainable flags, train/eval flags); :func:`to_peft_config` gives
+  the ``peft.MissConfig`` of a miss_ext config.
 
 The kernel forward keeps PEFT's semantics exactly: the variant of every adapter on a layer is
 the layer's ``miss_fn`` (PEFT takes it from the layer's first adapter), active BAT adapters
@@ -39,7 +40,8 @@ from .. import ops as kernel_ops
 from ..config import MissConfig, variant_of
 from ..model import MissModel
 
-__all__ = ["use_miss_kernels", "restore_peft_forward", "uses_miss_kernels", "peft_to_miss_model", "miss_model_to_peft"]
+__all__ = ["use_miss_kernels", "restore_peft_forward", "uses_miss_kernels", "peft_to_miss_model", "miss_model_to_peft",
+           "to_peft_config"]
 
 
 def _peft():
@@ -259,6 +261,17 @@ def _check_same_keys(ours: dict, theirs: dict, direction: str) -> None:
         )
 
 
+def to_peft_config(config: MissConfig):
+    """The ``peft.MissConfig`` with the same fields, for code that takes only PEFT configs (TRL's
+    ``SFTTrainer(peft_config=...)`` refuses any other class); pair the PEFT model it builds with
+    :func:`use_miss_kernels` to run it on miss_ext's kernels."""
+    peft = _peft()
+    if not isinstance(config, MissConfig):
+        raise TypeError(f"config must be a miss_ext.MissConfig, got {type(config).__name__}")
+    fields = {f.name for f in dataclasses.fields(peft.MissConfig)} - {"peft_type", "peft_version", "auto_mapping"}
+    return peft.MissConfig(**{k: v for k, v in config.to_dict().items() if k in fields})
+
+
 def peft_to_miss_model(peft_model: nn.Module, *, backend: str = "kernels") -> MissModel:
     """A :class:`~miss_ext.MissModel` with the adapters of a PEFT MiSS model, on the same base
     model (the PEFT model is consumed: its MiSS layers and modules_to_save wrappers are
@@ -325,7 +338,7 @@ def peft_to_miss_model(peft_model: nn.Module, *, backend: str = "kernels") -> Mi
     for name, module in inner.named_modules():
         if name in training:
             module.training = training[name]
-    miss_model.training = peft_model.training
+    miss_model.training = miss_model.base_model.training = peft_model.training
     return miss_model
 
 
@@ -355,9 +368,7 @@ def miss_model_to_peft(miss_model: MissModel):
     state = inner.state_dict(keep_vars=True)
     requires_grad = {n: p.requires_grad for n, p in inner.named_parameters()}
     training = {n: m.training for n, m in inner.named_modules()}
-    peft_fields = {f.name for f in dataclasses.fields(peft.MissConfig)} - {"peft_type", "peft_version", "auto_mapping"}
-    configs = {name: peft.MissConfig(**{k: v for k, v in config.to_dict().items() if k in peft_fields})
-               for name, config in miss_model.peft_config.items()}
+    configs = {name: to_peft_config(config) for name, config in miss_model.peft_config.items()}
     active = miss_model.active_adapters
     wrappers = list(miss_model._wrappers())
     originals = _swap(inner, {**{n: layer.base_layer for n, layer in layers},
