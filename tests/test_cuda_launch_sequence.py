@@ -68,7 +68,7 @@ def activation_sized(trace, shape):
     return found
 
 
-STANDARD_FORWARD = ["shard_fold_kernel<scalar_t>", "aten::mm", "bf16_pieces_kernel", "bf16_pieces_kernel", "addmm_"]
+STANDARD_FORWARD = ["shard_fold_kernel<8>", "aten::mm", "bf16_pieces_kernel", "bf16_pieces_kernel", "addmm_"]
 STANDARD_BACKWARD = ["bf16_pieces_kernel", "mm.dtype", "aten::add", "bf16_pieces_kernel", "mm.dtype", "aten::sum",
                      "aten::mm", "update_rows_kernel<kVec>"]
 
@@ -79,13 +79,17 @@ def test_standard_step(p):
     assert names(trace, "forward") == STANDARD_FORWARD
     assert names(trace, "backward") == STANDARD_BACKWARD
     assert activation_sized(trace, SHAPE) == []
+    # dropout: one Philox call per 8 columns of x in the fold and again in the tile-add
+    philox = {c.name: c.philox_calls for c in trace.calls if c.philox_calls}
+    expected = SHAPE.tokens * SHAPE.in_features // 8
+    assert philox == ({"shard_fold_kernel<8>": expected, "update_rows_kernel<kVec>": expected} if p else {})
 
 
 def test_mini_step():
     trace = recorded("mini")
-    assert names(trace, "forward") == ["shard_fold_kernel<scalar_t>", "aten::mm", "aten::mm", "update_rows_kernel<kVec>"]
+    assert names(trace, "forward") == ["shard_fold_kernel<8>", "aten::mm", "aten::mm", "update_rows_kernel<kVec>"]
     # dy folded along out to [N, mini_r] once; g and dB are small float32 GEMMs over it
-    assert names(trace, "backward") == ["aten::zero_", "shard_fold_kernel<scalar_t>", "aten::mm", "aten::addmm_",
+    assert names(trace, "backward") == ["aten::zero_", "shard_fold_kernel<1>", "aten::mm", "aten::addmm_",
                                         "aten::mm", "update_rows_kernel<kVec>"]
     assert activation_sized(trace, SHAPE) == []
 

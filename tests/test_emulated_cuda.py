@@ -68,7 +68,7 @@ def test_launch_log_names_every_kernel():
     x = rand((3, 10))
     EMU.shard_linear(x, rand((8, 10)), None, rand((4, 2)), 0.0, None)
     log = EMU.launch_log(clear=True)
-    assert [line.split()[0] for line in log] == ["shard_fold_kernel<scalar_t>", "update_rows_kernel<kVec>"]
+    assert [line.split()[0] for line in log] == ["shard_fold_kernel<1>", "update_rows_kernel<kVec>"]
     assert "block=(256,1,1)" in log[0]
 
 
@@ -170,6 +170,7 @@ def test_every_kernel_runs_under_the_emulator():
                               [True, True])
     EMU.merge_(weight, rand((3, 8), gen=gen), True)
     EMU.merge_(torch.zeros(8 * 12 + 1)[1:].view(8, 12), rand((3, 8), gen=gen), False)  # unaligned: scalar form
+    EMU.shard_fold(rand((3, 20), gen=gen), 8, P, seed_tensor(1))  # r % 8 == 0: runs of 8 positions
     # bf16 standard: the thin GEMMs on bf16 pieces (bf16_pieces_kernel)
     x16, block = x.bfloat16(), rand((3, 8), gen=gen)
     y16, fold16 = EMU.shard_linear(x16, weight.bfloat16(), None, block, 0.0, None)
@@ -178,6 +179,7 @@ def test_every_kernel_runs_under_the_emulator():
     launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
     assert {name.split("<")[0] for name in launched} == kernels, f"not launched: {kernels - launched}"
     assert {"shard_merge_kernel<kVec>", "shard_merge_kernel<1>"} <= launched  # 16-byte and scalar forms
+    assert {"shard_fold_kernel<1>", "shard_fold_kernel<8>"} <= launched  # per element, per 8-column run
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -19,16 +19,20 @@ namespace {
 using device::gptr;
 using device::kThreads;
 
-// One block per row (grid-stride over rows). With r < blockDim the threads form
-// blockDim / r groups of r lanes: lane c of group g sums shards g, g + groups, ... at
-// position c (consecutive lanes read consecutive columns), then the groups are summed in
-// shared memory. With r >= blockDim one group loops over the positions.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// One block per row (grid-stride over rows). A lane owns a run of kRun consecutive
+// positions of a shard (kRun = 8 when r % 8 == 0, else 1). With fewer runs than threads the
+// threads form blockDim / lanes groups of `lanes` lanes: lane l of group g sums shards
+// g, g + groups, ... over its run (consecutive lanes read consecutive columns), then the
+// groups are summed in shared memory. With more runs one group loops over them. With
+// dropout, a run of 8 is one 8-column group of the mask: one Philox call per run, not per
+// element (philox_dropout.h; benchmarks/gpu_cost_model.py prices the calls).
+template <int kRun, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 MISS_GLOBAL void shard_fold_kernel(gptr<const scalar_t> MISS_RESTRICT x, RowIndexer indexer, int64_t rows,
                                    int64_t in, int64_t r, DropoutParams dropout,
                                    gptr<acc_t> MISS_RESTRICT fold) {
-  MISS_SHARED_ARRAY(acc_t, partial, kThreads);
-  const int64_t lanes = r < blockDim.x ? r : blockDim.x;
+  MISS_SHARED_ARRAY(acc_t, partial, kThreads * kRun);
+  const int64_t runs = r / kRun;
+  const int64_t lanes = runs < blockDim.x ? runs : blockDim.x;
   const int64_t groups = blockDim.x / lanes;
   const int64_t lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
   const int64_t shards = ceil_div(in, r);
@@ -36,32 +40,45 @@ MISS_GLOBAL void shard_fold_kernel(gptr<const scalar_t> MISS_RESTRICT x, RowInde
   const int64_t seed = dropout.enabled ? dropout.seed() : 0;
   for (int64_t n = blockIdx.x; n < rows; n += gridDim.x) {
     const gptr<const scalar_t> row = x + indexer.row_offset(n);
-    for (int64_t first = 0; first < r; first += lanes) {
-      const int64_t c = first + lane;
-      acc_t acc = 0;
-      if (group < groups && c < r) {
+    for (int64_t first = 0; first < runs; first += lanes) {
+      const int64_t c0 = (first + lane) * kRun;  // the run's first position in a shard
+      acc_t acc[kRun];
+      for (int k = 0; k < kRun; ++k) acc[k] = 0;
+      if (group < groups && c0 < r) {
         for (int64_t s = group; s < shards; s += groups) {
-          const int64_t i = s * r + c;
-          if (i < in) {
-            // One Philox call per element: the 8 columns of a call lie in 8 different lanes
-            // here (benchmarks/gpu_cost_model.py prices it).
+          const int64_t i0 = s * r + c0;
+          if (i0 >= in) continue;
+          if constexpr (kRun == 1) {
             if (dropout.enabled) device::note_philox_call();
-            acc += static_cast<acc_t>(row[i * cs]) * dropout_multiplier<acc_t>(dropout, seed, n, i);
+            acc[0] += static_cast<acc_t>(row[i0 * cs]) * dropout_multiplier<acc_t>(dropout, seed, n, i0);
+          } else {
+            uint32_t keep = 0xFFu;
+            if (dropout.enabled) {
+              keep = dropout_keep_bits(seed, dropout.threshold, n, i0 / kMaskColumnsPerCall);
+              device::note_philox_call();
+            }
+            // the multiplier of dropout_multiplier, from the run's one call
+            const acc_t kept = dropout.enabled ? static_cast<acc_t>(dropout.scale) : acc_t(1);
+            for (int k = 0; k < kRun; ++k) {
+              if (i0 + k < in) acc[k] += static_cast<acc_t>(row[(i0 + k) * cs]) * (((keep >> k) & 1u) ? kept : acc_t(0));
+            }
           }
         }
       }
       if (groups == 1) {
-        // Only group 0 holds sums: with 128 < r < 256 threads r..255 form no whole group and
-        // would otherwise write their zero over columns c = threadIdx.x - r (a race the
-        // emulator caught; tests/test_emulated_cuda.py).
-        if (group == 0 && c < r) fold[n * r + c] = acc;
+        // Only group 0 holds sums: when lanes does not divide blockDim the threads past the
+        // last whole group would otherwise write their zero over other columns (the race for
+        // 128 < r < 256 the emulator caught; tests/test_emulated_cuda.py).
+        if (group == 0 && c0 < r) {
+          for (int k = 0; k < kRun; ++k) fold[n * r + c0 + k] = acc[k];
+        }
       } else {
-        partial[threadIdx.x] = acc;
+        for (int k = 0; k < kRun; ++k) partial[threadIdx.x * kRun + k] = acc[k];
         MISS_SYNC_THREADS();
-        if (threadIdx.x < lanes) {
+        for (int64_t j = threadIdx.x; j < lanes * kRun; j += blockDim.x) {
           acc_t sum = 0;
-          for (int64_t g = 0; g < groups; ++g) sum += partial[g * lanes + threadIdx.x];
-          fold[n * r + threadIdx.x] = sum;
+          for (int64_t g = 0; g < groups; ++g) sum += partial[g * lanes * kRun + j];
+          fold[n * r + first * kRun + j] = sum;
         }
         MISS_SYNC_THREADS();
       }
@@ -239,7 +256,11 @@ void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& f
   MISS_DISPATCH_FLOAT(x.scalar_type(), "miss_shard_fold_cuda", [&] {
     const auto x_ptr = device::input<scalar_t>(x, "x");
     const auto fold_ptr = device::output<at::opmath_type<scalar_t>>(fold, "fold");
-    MISS_LAUNCH(shard_fold_kernel<scalar_t>, grid, kThreads, x_ptr, indexer, rows, in, r, dropout, fold_ptr);
+    if (r % 8 == 0) {
+      MISS_LAUNCH(shard_fold_kernel<8>, grid, kThreads, x_ptr, indexer, rows, in, r, dropout, fold_ptr);
+    } else {
+      MISS_LAUNCH(shard_fold_kernel<1>, grid, kThreads, x_ptr, indexer, rows, in, r, dropout, fold_ptr);
+    }
   });
 }
 
