@@ -1,37 +1,66 @@
 """Builds miss_ext._C: the CPU kernels always, the CUDA kernels when they can be compiled.
 
 CUDA is built when torch has CUDA and a toolkit is found (CUDA_HOME), or when FORCE_CUDA=1
-(no GPU is needed to compile; set TORCH_CUDA_ARCH_LIST then, e.g. "8.0;9.0"). FORCE_CUDA=0
-builds CPU only. MAX_JOBS bounds parallel compile jobs (ninja).
+(no GPU is needed to compile). FORCE_CUDA=0 builds CPU only. With no GPU visible and
+TORCH_CUDA_ARCH_LIST unset, the kernels are compiled for build_checks.DEFAULT_CUDA_ARCH_LIST
+(printed). MAX_JOBS bounds parallel compile jobs (ninja). Every check that can fail (toolkit,
+nvcc version against torch's CUDA, architectures, setuptools) runs first, in build_checks.py,
+and stops with one message before any compiler starts.
 
 MISS_WITH_EMULATOR=1 also builds the CUDA emulator and torch.ops.miss_emulated_cuda (the CUDA
 kernels compiled for the host and run under a race detector, csrc/emulator/): for the test
 suite (scripts/setup_env.sh and CI set it), not for users' installs.
+
+Release build: optimised, without debug info (-g0 overrides the -g in Python's own CFLAGS,
+which would make the library ~10 MB larger). The CMake build (CMakeLists.txt) is the one for
+debugging.
 """
 
 import glob
 import os
+import shutil
+import sys
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import setuptools
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_checks.py, beside this file (setuptools' backend does not add it)
+import build_checks  # noqa: E402
 
 
-def want_cuda() -> bool:
-    force = os.environ.get("FORCE_CUDA")
-    if force == "0":
-        return False
-    if force == "1":
-        if CUDA_HOME is None:
-            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
-        if torch.version.cuda is None:
-            raise RuntimeError(f"FORCE_CUDA=1 but torch {torch.__version__} is a CPU-only build")
-        return True
-    # Decided by what can be compiled, never by torch.cuda.is_available(): a build machine
-    # without a GPU must still produce the CUDA kernels.
-    return torch.version.cuda is not None and CUDA_HOME is not None
+def fail(error: build_checks.BuildConfigError):
+    # One message, no traceback: pip shows it as the output of the failed build.
+    sys.exit(str(error))
+
+
+try:
+    build_checks.check_setuptools(setuptools.__version__)
+except build_checks.BuildConfigError as error:
+    fail(error)
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def cuda_plan() -> build_checks.CudaPlan:
+    try:
+        plan = build_checks.plan_cuda(
+            os.environ,
+            torch_version=torch.__version__,
+            torch_cuda=torch.version.cuda,
+            cuda_home=CUDA_HOME,
+            which_nvcc=shutil.which("nvcc"),
+            nvcc_version=build_checks.nvcc_version_output,
+            gpu_count=torch.cuda.device_count,
+        )
+    except build_checks.BuildConfigError as error:
+        fail(error)
+    if plan.arch_list is not None:
+        # Read by torch.utils.cpp_extension when it writes the nvcc flags.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch_list
+    print(f"{build_checks.PREFIX} {plan.summary}", flush=True)
+    return plan
 
 
 def cuda_include_dirs() -> list:
@@ -46,10 +75,10 @@ def cuda_include_dirs() -> list:
 
 
 def want_emulator() -> bool:
-    flag = os.environ.get("MISS_WITH_EMULATOR", "0")
-    if flag not in ("0", "1"):
-        raise RuntimeError(f"MISS_WITH_EMULATOR must be 0 or 1, got {flag!r}")
-    return flag == "1"
+    try:
+        return build_checks.read_flag(os.environ, "MISS_WITH_EMULATOR") == "1"
+    except build_checks.BuildConfigError as error:
+        fail(error)
 
 
 def extension():
@@ -60,8 +89,9 @@ def extension():
         sources += sorted(glob.glob("csrc/emulator/*.cpp"))
         cxx.append("-DMISS_WITH_EMULATOR")
     link = ["-fopenmp"]
-    if not want_cuda():
-        return CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx},
+    # -g0 after everything else: it overrides the -g that setuptools takes from Python's CFLAGS.
+    if not cuda_plan().build_cuda:
+        return CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx + ["-g0"]},
                             extra_link_args=link, py_limited_api=True)
     include_dirs = []
     try:
@@ -73,7 +103,7 @@ def extension():
         "miss_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx + ["-DMISS_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx + ["-DMISS_WITH_CUDA", "-g0"], "nvcc": nvcc},
         extra_link_args=link,
         py_limited_api=True,
     )

@@ -2,14 +2,14 @@
 
 ``create_graph=True`` (gradient penalties, Hessian-vector products, ``gradgradcheck``) runs a
 backward with grad mode on and differentiates it again. The first backward of every MiSS
-forward calls custom ops (miss_ext/ops.py); each of them gets here the formula of its own
-derivative, written with differentiable torch ops and with the custom ops that have autograd
+forward calls custom ops (miss_ext/forward_autograd.py); each of them gets here the formula
+of its own derivative, written with differentiable torch ops and with the custom ops that have autograd
 themselves (fold, tile-add, bat_weight, bat_weight_grad, bat_block_grad), so a third order
 works too. These formulas run only when a graph of the backward is asked for; the normal
-backward does not touch them. Speed is not their point: they follow the math of SPEC.md
+backward does not touch them. Speed is not their point: they follow the math of docs/spec.md
 plainly, in the accumulation dtype.
 
-Notation as in SPEC.md: F is the (masked) fold [N, in] -> [N, r], its adjoint the tile;
+Notation as in docs/spec.md: F is the (masked) fold [N, in] -> [N, r], its adjoint the tile;
 P folds dy along out to [N, mini_r] for mini (identity for standard), P^T tiles it back.
 """
 
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ops import _accumulate_dtype as _acc  # ops imports this module last, once it is defined
+from .fake_kernels import _accumulate_dtype as _acc
 
 
 def _used(cotangent, computed: bool):

@@ -1,4 +1,4 @@
-"""Pure-PyTorch MiSS, written straight from SPEC.md: the oracle of the tests and the baseline
+"""Pure-PyTorch MiSS, written straight from docs/spec.md: the oracle of the tests and the baseline
 of the benchmarks. Never used by the layers unless asked for (``backend="reference"``).
 
 Every function computes in the dtypes it is given, so the same code is the float64 oracle

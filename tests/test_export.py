@@ -1,4 +1,4 @@
-"""Exact LoRA export (SPEC.md sec. 8): a standard or mini MiSS adapter written as a PEFT LoRA
+"""Exact LoRA export (docs/spec.md sec. 8): a standard or mini MiSS adapter written as a PEFT LoRA
 adapter gives, loaded by PEFT on the un-adapted base model, the MiSS adapter's outputs; its
 factors multiply to the MiSS delta exactly; BAT without a rank is refused with a clear error
 (its truncated-SVD export: tests/test_export_svd.py).

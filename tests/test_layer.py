@@ -1,5 +1,5 @@
 """MissLinear, the user layer: several named adapters (each with its own variant) on one
-nn.Linear, checked against the float64 math of SPEC.md (miss_ext.reference), plus
+nn.Linear, checked against the float64 math of docs/spec.md (miss_ext.reference), plus
 set_adapter / disable / delete / merge / unmerge, dtypes, dropout, the reference backend and
 bad input (a clear error and an unchanged layer).
 """
