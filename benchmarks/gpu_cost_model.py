@@ -177,8 +177,17 @@ def predict(shape: gpu_trace.Shape, scale: int) -> Dict:
 
 
 def report(results: Dict, shape: gpu_trace.Shape) -> str:
+    import datetime
+    import platform
+
+    import peft
+    import torch
+
     lines = [f"PREDICTIONS (no GPU used): fwd+bwd of one layer, tokens {shape.tokens}, in {shape.in_features}, "
-             f"out {shape.out_features}, r {shape.r}, mini_r {shape.mini_r}; bf16 model, fp32 adapter", ""]
+             f"out {shape.out_features}, r {shape.r}, mini_r {shape.mini_r}; bf16 model, fp32 adapter", "",
+             f"`python benchmarks/gpu_cost_model.py`, traces recorded on {platform.machine()} {platform.node()} "
+             f"({datetime.date.today()}, torch {torch.__version__}, peft {peft.__version__}); each row is priced by "
+             "the model in the docstring of benchmarks/gpu_cost_model.py.", ""]
     for gpu_name, rows in results.items():
         baseline = "W.copy_()" if gpu_name.endswith("merge") else "frozen Linear"
         lines += [f"## {gpu_name} (predicted)", "",
@@ -193,17 +202,23 @@ def report(results: Dict, shape: gpu_trace.Shape) -> str:
 
 
 def compare_with_measurement(results: Dict, path: str) -> str:
-    """Predicted vs measured ratios, for a bench_layer.py result file written on a GPU."""
+    """Predicted vs measured fwd+bwd ratios, for a bench_layer.py result file written on a GPU
+    (its bf16-fp32 rows: the setting the model predicts)."""
     with open(path) as f:
         measured = json.load(f)
-    device = measured.get("device", "")
-    gpu_name = "H200 SXM" if "H200" in device else "H100 SXM"
-    lines = [f"prediction ({gpu_name}) vs measurement ({device}, {path})"]
-    for case in measured.get("cases", []):
-        name = case.get("variant")
-        for predicted_name, row in results[gpu_name].items():
-            if predicted_name.startswith(f"miss_ext {name}") and "ratio_to_frozen" in case:
-                lines.append(f"  {predicted_name}: predicted {row['ratio']:.2f}x, measured {case['ratio_to_frozen']:.2f}x")
+    gpu = measured.get("machine", {}).get("gpu", "")
+    gpu_name = "H200 SXM" if "H200" in gpu else "H100 SXM"
+    names = {("ours (kernels)", "standard", 0.0): "miss_ext standard",
+             ("ours (kernels)", "standard", 0.1): "miss_ext standard dropout 0.1",
+             ("ours (kernels)", "mini", 0.0): "miss_ext mini", ("ours (kernels)", "bat", 0.0): "miss_ext bat",
+             ("PEFT MiSS", "standard", 0.0): "PEFT MiSS standard", ("PEFT MiSS", "standard", 0.1): "PEFT MiSS standard dropout 0.1",
+             ("PEFT MiSS", "mini", 0.0): "PEFT MiSS mini", ("PEFT MiSS", "bat", 0.0): "PEFT MiSS bat"}
+    lines = [f"prediction ({gpu_name}) vs measurement ({gpu or 'unknown device'}, {path})"]
+    for row in measured.get("rows", []):
+        name = names.get((row.get("candidate"), row.get("variant"), row.get("dropout")))
+        if name and row.get("dtype") == "bf16-fp32":
+            lines.append(f"  {name}: predicted {results[gpu_name][name]['ratio']:.2f}x, "
+                         f"measured {row['fwd_bwd_ratio']:.2f}x")
     return "\n".join(lines)
 
 

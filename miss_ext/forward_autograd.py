@@ -47,15 +47,20 @@ def _shard_linear_setup(ctx, inputs, output):
     ctx.save_for_backward(fold, weight, block, seed, x if weight.requires_grad else None)
 
 
+def _shard_grads(ctx, grad_out, fold, weight, block, seed, grad_fold, need_x, need_block):
+    """(grad_x, grad_block) of a shard forward op; weight None: the delta only (no dy @ W)."""
+    return torch.ops.miss.shard_linear_backward(
+        grad_out, fold, weight, block, ctx.in_features, ctx.p, seed, grad_fold, [need_x, need_block]
+    )
+
+
 def _shard_linear_backward(ctx, grad_out, grad_fold):
     fold, weight, block, seed, x = ctx.saved_tensors
     grad_out = _grad_out_or_zeros(ctx, grad_out, fold)
     need_x, need_block = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     grad_x = grad_block = None
     if need_x or need_block:
-        grad_x, grad_block = torch.ops.miss.shard_linear_backward(
-            grad_out, fold, weight, block, ctx.in_features, ctx.p, seed, grad_fold, [need_x, need_block]
-        )
+        grad_x, grad_block = _shard_grads(ctx, grad_out, fold, weight, block, seed, grad_fold, need_x, need_block)
     grad_weight, grad_bias = _linear_base_grads(ctx, grad_out, x)
     return (
         grad_x if need_x else None,
@@ -87,9 +92,7 @@ def _shard_delta_add_backward(ctx, grad_out, grad_fold):
     need_x, need_block = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     grad_x = grad_block = None
     if need_x or need_block:
-        grad_x, grad_block = torch.ops.miss.shard_linear_backward(
-            grad_out, fold, None, block, ctx.in_features, ctx.p, seed, grad_fold, [need_x, need_block]
-        )
+        grad_x, grad_block = _shard_grads(ctx, grad_out, fold, None, block, seed, grad_fold, need_x, need_block)
     return (
         grad_out if ctx.needs_input_grad[0] else None,
         grad_x if need_x else None,

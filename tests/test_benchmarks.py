@@ -64,17 +64,24 @@ def test_cpu_dtype_costs_tiny(tmp_path):
     assert len(result["gemm_ms"]) == 6 and len(result["pass_ms"]) == 9
 
 
-def test_gpu_cost_model_tiny(tmp_path):
+def test_gpu_cost_model_tiny(tmp_path, capsys):
     """The cost model records every implementation and writes its predictions, labelled as
-    predictions; the scaled trace has the target's shapes (base GEMM, every row of bat's G)."""
+    predictions; the scaled trace has the target's shapes (base GEMM, every row of bat's G);
+    given a GPU measurement (here a made-up bench_layer file) it prints both side by side."""
     pytest.importorskip("peft")
     import torch
 
     if not hasattr(torch.ops.miss_emulated_cuda, "shard_fold"):
         pytest.skip("miss_ext was built without the CUDA emulator")
     model = load("gpu_cost_model")
+    measured = tmp_path / "layer_cuda.json"
+    measured.write_text(json.dumps({"machine": {"gpu": "NVIDIA H200"}, "rows": [
+        {"dtype": "bf16-fp32", "candidate": "ours (kernels)", "variant": "bat", "dropout": 0.0, "fwd_bwd_ratio": 1.7}]}))
     assert model.main(["--tokens", "1536", "--in-features", "768", "--out-features", "768", "--r", "48",
-                       "--mini-r", "16", "--scale", "4", "--results-dir", str(tmp_path)]) == 0
+                       "--mini-r", "16", "--scale", "4", "--results-dir", str(tmp_path), "--measured", str(measured)]) == 0
+    printed = capsys.readouterr().out
+    assert "prediction (H200 SXM) vs measurement (NVIDIA H200" in printed
+    assert "miss_ext bat: predicted" in printed and "measured 1.70x" in printed
     stem = tmp_path / "gpu_cost_model_predictions_1536x768x768_r48"
     result = json.loads(stem.with_suffix(".json").read_text())
     assert result["label"].startswith("PREDICTION")

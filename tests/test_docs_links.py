@@ -75,7 +75,7 @@ def test_the_link_checker_sees_links_and_rejects_broken_ones(tmp_path):
     assert list(relative_links(doc)) == ["#a-title", "x.png"]
     assert heading_anchors(doc) == {"a-title"}
     readme_anchors = heading_anchors(REPO / "README.md")
-    assert {"the-ops", "install", "performance-cpu-no-gpu-numbers-yet"} <= readme_anchors
+    assert {"the-ops", "install", "performance-cpu-measurements-gpu-predictions"} <= readme_anchors
 
 
 def test_design_lists_every_registered_op_with_its_schema():
