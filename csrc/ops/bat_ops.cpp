@@ -144,18 +144,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
     const at::Tensor x2d = x.reshape({rows, in});
     const at::Tensor dy_t = dy.t();
     const int64_t r = block.size(-1), step = g_slab_rows(x, out, in, r);
+    // Once for every slab: W contiguous, and the block in the accumulation dtype.
+    const at::Tensor w = weight.contiguous();
+    const at::Tensor block_acc = need_weight ? block.to(acc).contiguous() : at::Tensor();
     if (need_block) grad_block = at::empty({out / r, r, r}, block.options().dtype(acc));
-    if (need_weight) grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+    if (need_weight) grad_weight = at::empty_like(w);
     for (int64_t first = 0; first < out; first += step) {
       const int64_t count = std::min(step, out - first);
       const at::Tensor g = mm_accumulate(dy_t.narrow(0, first, count), x2d, acc);
       if (need_block) {
         at::Tensor slab = grad_block.narrow(0, first / r, count / r);
-        bat_batched::block_grad(g, weight.narrow(0, first, count).contiguous(), slab);
+        bat_batched::block_grad(g, w.narrow(0, first, count), slab);
       }
-      if (need_weight) {
+      if (need_weight) {  // written straight into its rows of grad_weight, in W's dtype
         at::Tensor slab = grad_weight.narrow(0, first, count);
-        slab.copy_(weight_grad_of(g, block.narrow(0, first / r, count / r)));
+        bat_batched::weight_grad(g, block_acc.narrow(0, first / r, count / r), slab);
       }
     }
     if (need_block) grad_block = grad_block.to(block.scalar_type());
