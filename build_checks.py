@@ -24,6 +24,11 @@ from typing import Callable, Mapping, Optional, Sequence
 # the build to a few minutes on two cores.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
+# The oldest torch the library loads on: it is built for the LibTorch stable ABI of this
+# version (setup.py passes TORCH_TARGET_VERSION), which every later torch keeps.
+MIN_TORCH = (2, 11)
+TORCH_TARGET_VERSION = "0x%02x%02x000000000000" % MIN_TORCH
+
 PREFIX = "miss_ext build:"
 CPU_ONLY_FIX = "build the CPU kernels only with FORCE_CUDA=0"
 
@@ -214,4 +219,16 @@ def check_setuptools(version: str, minimum: str = "77") -> None:
         raise BuildConfigError(
             f"{PREFIX} setuptools {version} is too old: miss_ext needs setuptools >= {minimum} "
             f"(pip install \"setuptools>={minimum}\")."
+        )
+
+
+def check_torch(version: str) -> None:
+    """The stable ABI headers of a torch older than MIN_TORCH lack what csrc/ uses; say so
+    instead of failing in the compiler."""
+    release = tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:2])
+    if release < MIN_TORCH:
+        wanted = ".".join(map(str, MIN_TORCH))
+        raise BuildConfigError(
+            f"{PREFIX} torch {version} is too old: miss_ext is built for the LibTorch stable ABI of "
+            f"torch {wanted} and loads on torch >= {wanted} (pip install \"torch>={wanted}\")."
         )

@@ -39,6 +39,11 @@ except build_checks.BuildConfigError as error:
     fail(error)
 
 import torch  # noqa: E402
+
+try:
+    build_checks.check_torch(torch.__version__)
+except build_checks.BuildConfigError as error:
+    fail(error)
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -81,30 +86,39 @@ def want_emulator() -> bool:
         fail(error)
 
 
+# The LibTorch stable ABI only (csrc/torch_api.h): TORCH_TARGET_VERSION makes every header
+# outside it (ATen, torch/library.h) an error and keeps the stable headers to what torch 2.11
+# has, so the library loads on every torch from 2.11 on (pyproject.toml's torch>=2.11). A
+# release wheel is built against torch 2.11 itself: the library passes the torch version of
+# its headers to torch_call_dispatcher, and a torch older than that may refuse it.
+STABLE_ABI = ["-DTORCH_STABLE_ONLY", f"-DTORCH_TARGET_VERSION={build_checks.TORCH_TARGET_VERSION}"]
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # -fopenmp at compile AND link time: without it at::parallel_for runs on one thread.
-    cxx = ["-O3", "-fopenmp", "-DMISS_PYTHON_MODULE"]
+    # -fvisibility=hidden: the inline functions of torch's header-only code stay private to
+    # this library instead of interposing with another build's.
+    cxx = ["-O3", "-fvisibility=hidden", "-DMISS_PYTHON_MODULE"] + STABLE_ABI
     if want_emulator():
         sources += sorted(glob.glob("csrc/emulator/*.cpp"))
         cxx.append("-DMISS_WITH_EMULATOR")
-    link = ["-fopenmp"]
     # -g0 after everything else: it overrides the -g that setuptools takes from Python's CFLAGS.
     if not cuda_plan().build_cuda:
-        return CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx + ["-g0"]},
-                            extra_link_args=link, py_limited_api=True)
+        return CppExtension("miss_ext._C", sources, extra_compile_args={"cxx": cxx + ["-g0"]}, py_limited_api=True)
     include_dirs = []
     try:
         include_dirs = cuda_include_dirs()
     except ImportError:
         pass
-    nvcc = ["-O3", "-lineinfo", "-DMISS_WITH_CUDA"] + (["-DMISS_WITH_EMULATOR"] if want_emulator() else [])
+    # USE_CUDA: the CUDA parts of the stable C shims (the current stream, the CUDA GEMMs).
+    cuda_defines = ["-DMISS_WITH_CUDA", "-DUSE_CUDA"]
+    nvcc = ["-O3", "-lineinfo", "-Xcompiler", "-fvisibility=hidden"] + cuda_defines + STABLE_ABI
+    nvcc += ["-DMISS_WITH_EMULATOR"] if want_emulator() else []
     return CUDAExtension(
         "miss_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx + ["-DMISS_WITH_CUDA", "-g0"], "nvcc": nvcc},
-        extra_link_args=link,
+        extra_compile_args={"cxx": cxx + cuda_defines + ["-g0"], "nvcc": nvcc},
         py_limited_api=True,
     )
 

@@ -8,23 +8,25 @@
 // contiguous; sizes come from the tensors; N == 0 and empty tensors are allowed.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include "philox_dropout.h"
+#include "torch_api.h"
 
 #define MISS_DECLARE_KERNELS                                                                   \
   /* fold[n, c] = sum over i % r == c of drop(x)[n, i]; x [..., in] any strides; fold [N, r] */ \
-  void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& fold);        \
+  void shard_fold(const Tensor& x, const DropoutParams& dropout, Tensor& fold);        \
   /* grad_x[n, i] (+)= drop(n, i) * g[n, i % r]; grad_x [N, in] contiguous; g [N, r] */         \
-  void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dropout,       \
+  void shard_tile(Tensor& grad_x, const Tensor& g, const DropoutParams& dropout,       \
                   bool accumulate);                                                            \
   /* y[n, o] += v[n, o % m]; y [N, out] contiguous; v [N, m] */                                 \
-  void add_out_tiled(at::Tensor& y, const at::Tensor& v);                                      \
+  void add_out_tiled(Tensor& y, const Tensor& v);                                      \
   /* out[o, i] = W[o, i] + sign * B[i % r, o % m]; block_acc [r, m]; out may be weight */      \
-  void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign,          \
-                   at::Tensor& out);                                                           \
+  void shard_merge(const Tensor& weight, const Tensor& block_acc, float sign,          \
+                   Tensor& out);                                                           \
   /* whether every W[o, i] + sign * B[i % r, o % m] is finite, without writing W */            \
-  bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign);
+  bool shard_merge_is_finite(const Tensor& weight, const Tensor& block_acc, float sign);    \
+  /* t3[k, a * (in / r) + j, c] += sign * B[k, a, c]: the "+ B_k" of every tile of a BAT */   \
+  /* transform; t3 [K, in, r] and block_acc [K, r, r] contiguous, both of the acc dtype */     \
+  void add_block_rows(Tensor& t3, const Tensor& block_acc, double sign);
 
 // Which bfloat16 piece of a float32 value each slot of a bf16_pieces output holds: piece 0 is
 // bf16(t), piece 1 bf16(t - piece 0), piece 2 bf16(t - piece 0 - piece 1). Three pieces
@@ -38,7 +40,7 @@ struct PiecePattern {
 #define MISS_DECLARE_CUDA_ONLY_KERNELS                                                          \
   /* out = bf16 pieces of a float32 [rows, cols] t side by side: [slots * rows, cols] when */   \
   /* along_rows, else [rows, slots * cols]; slot s holds piece pattern.piece[s] */              \
-  void bf16_pieces(const at::Tensor& t, const PiecePattern& pattern, bool along_rows, at::Tensor& out);
+  void bf16_pieces(const Tensor& t, const PiecePattern& pattern, bool along_rows, Tensor& out);
 
 namespace miss {
 namespace cpu {
@@ -65,7 +67,7 @@ inline bool emulating_cuda() { return false; }
 
 // Whether a decision about `t` is to be taken as for CUDA: a CUDA tensor, or any tensor of
 // an emulated-CUDA op.
-inline bool on_cuda_path(const at::Tensor& t) { return t.is_cuda() || emulating_cuda(); }
+inline bool on_cuda_path(const Tensor& t) { return t.is_cuda() || emulating_cuda(); }
 }  // namespace miss
 
 #undef MISS_DECLARE_KERNELS

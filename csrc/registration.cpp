@@ -15,7 +15,8 @@
 
 // Importing miss_ext._C loads this library and so runs the registrations below; the module
 // itself is empty (no pybind11: the ops are reached through torch.ops.miss).
-extern "C" PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC: extern "C" and exported, although the library is built -fvisibility=hidden.
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
@@ -23,7 +24,7 @@ extern "C" PyObject* PyInit__C(void) {
 
 namespace miss {
 
-void define_schemas(torch::Library& m) {
+void define_schemas(torch::stable::detail::StableLibrary& m) {
   // fold[n, c] = sum over i % r == c of drop(x)[n, i], float32 [N, r].
   m.def("shard_fold(Tensor x, int r, float p=0., Tensor? seed=None) -> Tensor");
   // grad_x + drop(n, i) * g[n, i % r]: the adjoint of shard_fold added to grad_x.
@@ -64,15 +65,15 @@ void define_schemas(torch::Library& m) {
 
 }  // namespace miss
 
-TORCH_LIBRARY(miss, m) { miss::define_schemas(m); }
+STABLE_TORCH_LIBRARY(miss, m) { miss::define_schemas(m); }
 
-#define MISS_IMPL_OP(name) m.impl(#name, &miss::name);
+#define MISS_IMPL_OP(name) m.impl(#name, TORCH_BOX(&miss::name));
 #define MISS_REGISTER_KERNELS(m) MISS_FOR_EACH_OP(MISS_IMPL_OP)
 
 // The op bodies are device-generic (they route to miss::cpu or miss::cuda kernels by the
 // device of their tensors), so both keys register the same functions.
-TORCH_LIBRARY_IMPL(miss, CPU, m) { MISS_REGISTER_KERNELS(m) }
+STABLE_TORCH_LIBRARY_IMPL(miss, CPU, m) { MISS_REGISTER_KERNELS(m) }
 
 #ifdef MISS_WITH_CUDA
-TORCH_LIBRARY_IMPL(miss, CUDA, m) { MISS_REGISTER_KERNELS(m) }
+STABLE_TORCH_LIBRARY_IMPL(miss, CUDA, m) { MISS_REGISTER_KERNELS(m) }
 #endif

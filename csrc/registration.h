@@ -2,10 +2,10 @@
 // and, in builds with the emulator, again for `miss_emulated_cuda` (csrc/emulator/).
 #pragma once
 
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 namespace miss {
-void define_schemas(torch::Library& m);
+void define_schemas(torch::stable::detail::StableLibrary& m);
 }
 
 // Calls X(name) for every op of define_schemas, so each namespace registers all of them.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,20 @@ def test_setup_py_stops_with_the_one_line_message_before_compiling(tmp_path):
     # A CUDA torch meets the fake nvcc 1.0; a CPU-only torch cannot build CUDA at all.
     assert last.startswith("miss_ext build: ") and "FORCE_CUDA=0" in last, proc.stderr
     assert "CUDA 1.0" in last or "CPU-only build" in last
+
+
+def test_cmake_targets_the_stable_abi_version_of_build_checks():
+    """The developer build (CMakeLists.txt) and setup.py must build for one stable ABI version."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert f"TORCH_TARGET_VERSION={bc.TORCH_TARGET_VERSION}" in cmake
+
+
+@pytest.mark.parametrize("version", ["2.10.1", "2.9.0+cpu", "1.13.1"])
+def test_torch_older_than_the_stable_abi_target_is_refused(version):
+    with pytest.raises(bc.BuildConfigError, match=rf"torch {re.escape(version)} is too old.*torch>=2\.11"):
+        bc.check_torch(version)
+
+
+@pytest.mark.parametrize("version", ["2.11.0", "2.13.0+cpu", "2.15.0", "3.0.0"])
+def test_supported_torch_versions_pass(version):
+    bc.check_torch(version)

@@ -7,8 +7,8 @@
 // EPYC). Both paths round to nearest even, as c10 does, so they give the same bits.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
 #include <type_traits>

@@ -1,9 +1,7 @@
 // CPU kernels of the standard and mini variants: fold, its adjoint (tile), the out-tiled add,
-// and the in-place merge. Rows are split across threads with at::parallel_for; fp16/bf16 are
+// and the in-place merge. Rows are split across torch's threads (parallel_for); fp16/bf16 are
 // widened to float on load and rounded once on store (acc_t: float, or double for double).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <atomic>
@@ -13,6 +11,7 @@
 #include "../kernels.h"
 #include "../shard_index.h"
 #include "../tensor_views.h"
+#include "../torch_api.h"
 #include "add_span.h"
 
 namespace miss {
@@ -49,7 +48,7 @@ void fill_dropout_row(const DropoutParams& dropout, int64_t seed, int64_t row, i
   }
 }
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 void fold_rows(const scalar_t* x, const RowIndexer& rows, int64_t in, int64_t r,
                const DropoutParams& dropout, acc_t* fold, int64_t begin, int64_t end) {
   const int64_t cs = rows.column_stride;
@@ -76,7 +75,7 @@ void fold_rows(const scalar_t* x, const RowIndexer& rows, int64_t in, int64_t r,
   }
 }
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 void tile_rows(scalar_t* grad_x, int64_t in, const acc_t* g, int64_t r,
                const DropoutParams& dropout, bool accumulate, int64_t begin, int64_t end) {
   const int64_t seed = dropout.enabled ? dropout.seed() : 0;
@@ -115,40 +114,40 @@ void for_each_merged_row(int64_t in, const acc_t* block, int64_t r, int64_t m, f
 
 }  // namespace
 
-void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& fold) {
+void shard_fold(const Tensor& x, const DropoutParams& dropout, Tensor& fold) {
   const int64_t rows = fold.size(0), r = fold.size(1), in = x.size(-1);
   if (rows == 0) return;
   const RowIndexer indexer = make_row_indexer(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "miss_shard_fold", [&] {
+  MISS_DISPATCH_FLOAT(x.scalar_type(), "miss_shard_fold", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
-    auto* out = fold.data_ptr<at::opmath_type<scalar_t>>();
-    at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
+    auto* out = fold.mutable_data_ptr<opmath_t<scalar_t>>();
+    torch::stable::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
       fold_rows(data, indexer, in, r, dropout, out, begin, end);
     });
   });
 }
 
-void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dropout,
+void shard_tile(Tensor& grad_x, const Tensor& g, const DropoutParams& dropout,
                 bool accumulate) {
   const int64_t rows = grad_x.size(0), in = grad_x.size(1), r = g.size(1);
   if (rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "miss_shard_tile", [&] {
-    scalar_t* data = grad_x.data_ptr<scalar_t>();
-    const auto* gp = g.const_data_ptr<at::opmath_type<scalar_t>>();
-    at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
+  MISS_DISPATCH_FLOAT(grad_x.scalar_type(), "miss_shard_tile", [&] {
+    scalar_t* data = grad_x.mutable_data_ptr<scalar_t>();
+    const auto* gp = g.const_data_ptr<opmath_t<scalar_t>>();
+    torch::stable::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
       tile_rows(data, in, gp, r, dropout, accumulate, begin, end);
     });
   });
 }
 
-void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
+void add_out_tiled(Tensor& y, const Tensor& v) {
   const int64_t rows = y.size(0), out = y.size(1), m = v.size(1);
   if (rows == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "miss_add_out_tiled", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* yp = y.data_ptr<scalar_t>();
+  MISS_DISPATCH_FLOAT(y.scalar_type(), "miss_add_out_tiled", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const acc_t* vp = v.const_data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(out), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows, row_grain(out), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* row = yp + n * out;
         const acc_t* vn = vp + n * m;
@@ -158,16 +157,16 @@ void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
   });
 }
 
-void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign, at::Tensor& out) {
+void shard_merge(const Tensor& weight, const Tensor& block_acc, float sign, Tensor& out) {
   const int64_t rows = weight.size(0), in = weight.size(1);
   const int64_t r = block_acc.size(0), m = block_acc.size(1);
   if (weight.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t* bp = block_acc.const_data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, rows, row_grain(in), [&](int64_t begin, int64_t end) {
       for_each_merged_row(in, bp, r, m, sign, begin, end, [&](int64_t o, const acc_t* added) {
         add_span(wp + o * in, added, in, op + o * in);
       });
@@ -175,16 +174,16 @@ void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float si
   });
 }
 
-bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign) {
+bool shard_merge_is_finite(const Tensor& weight, const Tensor& block_acc, float sign) {
   const int64_t out = weight.size(0), in = weight.size(1);
   const int64_t r = block_acc.size(0), m = block_acc.size(1);
   std::atomic<bool> finite{true};
   if (weight.numel() == 0) return true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "miss_shard_merge_is_finite", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_is_finite", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const acc_t* bp = block_acc.const_data_ptr<acc_t>();
-    at::parallel_for(0, out, row_grain(in), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, out, row_grain(in), [&](int64_t begin, int64_t end) {
       bool chunk_finite = true;
       for_each_merged_row(in, bp, r, m, sign, begin, end, [&](int64_t o, const acc_t* added) {
         const scalar_t* row = wp + o * in;
@@ -196,6 +195,28 @@ bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc
     });
   });
   return finite.load();
+}
+
+void add_block_rows(Tensor& t3, const Tensor& block_acc, double sign) {
+  const int64_t k = t3.size(0), in = t3.size(1), r = t3.size(2);
+  if (t3.numel() == 0) return;
+  const int64_t rows_per_block_row = in / r;  // the rows a * (in / r) + j that get B_k[a]
+  MISS_DISPATCH_FLOAT(t3.scalar_type(), "miss_add_block_rows", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    scalar_t* tp = t3.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = block_acc.const_data_ptr<scalar_t>();
+    const auto s = static_cast<acc_t>(sign);
+    torch::stable::parallel_for(0, k * in, row_grain(r), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t block = row / in, a = (row % in) / rows_per_block_row;
+        scalar_t* dst = tp + row * r;
+        const scalar_t* add = bp + (block * r + a) * r;
+        for (int64_t c = 0; c < r; ++c) {
+          dst[c] = static_cast<scalar_t>(static_cast<acc_t>(dst[c]) + s * static_cast<acc_t>(add[c]));
+        }
+      }
+    });
+  });
 }
 
 }  // namespace cpu

@@ -9,24 +9,19 @@
 // miss::cuda for the GPU build, miss::emulated_cuda for the emulated one.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>    // MISS_DISPATCH_FLOAT
-#include <ATen/OpMathType.h>  // the kernels' accumulation type
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
-#ifdef MISS_EMULATE_CUDA
-#include <ATen/record_function.h>
+#include "../torch_api.h"  // Tensor, opmath_t, MISS_DISPATCH_FLOAT, the device guard
 
+#ifdef MISS_EMULATE_CUDA
 #include "../emulator/emulator.h"
 #else
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/stable/macros.h>  // STD_CUDA_KERNEL_LAUNCH_CHECK
 #endif
 
 // Two namespaces, one per build: a library with both the GPU and the emulated kernels holds
@@ -69,22 +64,37 @@ MISS_DEVICE void atomic_store(int* p, int value) { atomicExch(p, value); }
 MISS_DEVICE void note_philox_call() {}
 MISS_DEVICE bool is_finite(double v) { return isfinite(v); }
 
-inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline int current_device() {
+  int device = 0;
+  STD_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+inline int sm_count() {
+  int count = 0;
+  STD_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+  return count;
+}
+// torch's current stream on the current device: our kernels are ordered with its GEMMs.
+inline cudaStream_t current_stream() {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(current_device(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
 inline dim3 grid_2d(unsigned int x, unsigned int y) { return dim3(x, y, 1); }
 
 // The pointer a kernel gets for a tensor it reads, writes or both.
 template <typename T>
-const T* input(const at::Tensor& t, const char*) { return t.const_data_ptr<T>(); }
+const T* input(const Tensor& t, const char*) { return t.const_data_ptr<T>(); }
 template <typename T>
-T* output(at::Tensor& t, const char*) { return t.data_ptr<T>(); }
+T* output(Tensor& t, const char*) { return t.mutable_data_ptr<T>(); }
 template <typename T>
-T* inout(at::Tensor& t, const char*) { return t.data_ptr<T>(); }
+T* inout(Tensor& t, const char*) { return t.mutable_data_ptr<T>(); }
 
-#define MISS_DEVICE_GUARD(tensor) const at::cuda::CUDAGuard miss_device_guard((tensor).device())
-#define MISS_LAUNCH(kernel, grid, threads, ...)                                                 \
-  do {                                                                                        \
-    kernel<<<(grid), (threads), 0, at::cuda::getCurrentCUDAStream().stream()>>>(__VA_ARGS__); \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
+#define MISS_DEVICE_GUARD(tensor) const ::miss::OptionalDeviceGuard miss_device_guard(tensor)
+#define MISS_LAUNCH(kernel, grid, threads, ...)                                        \
+  do {                                                                               \
+    kernel<<<(grid), (threads), 0, ::miss::device::current_stream()>>>(__VA_ARGS__); \
+    STD_CUDA_KERNEL_LAUNCH_CHECK();                                                  \
   } while (0)
 
 #else  // ------------------------------------------------------------------ the emulator ------
@@ -163,7 +173,7 @@ inline void note_philox_call() { emu::note_philox_call(); }
 inline int sm_count() { return emu::config().sm_count; }
 
 // Bytes from t's data pointer to one past its last element (any strides, none negative).
-inline size_t extent_bytes(const at::Tensor& t) {
+inline size_t extent_bytes(const Tensor& t) {
   if (t.numel() == 0) return 0;
   int64_t last = 0;
   for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
@@ -171,19 +181,19 @@ inline size_t extent_bytes(const at::Tensor& t) {
 }
 
 template <typename T>
-gptr<const T> input(const at::Tensor& t, const char* name) {
+gptr<const T> input(const Tensor& t, const char* name) {
   emu::register_buffer(t.const_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInput, name);
   return gptr<const T>(t.const_data_ptr<T>());
 }
 template <typename T>
-gptr<T> output(at::Tensor& t, const char* name) {
-  emu::register_buffer(t.data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kOutput, name);
-  return gptr<T>(t.data_ptr<T>());
+gptr<T> output(Tensor& t, const char* name) {
+  emu::register_buffer(t.mutable_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kOutput, name);
+  return gptr<T>(t.mutable_data_ptr<T>());
 }
 template <typename T>
-gptr<T> inout(at::Tensor& t, const char* name) {
-  emu::register_buffer(t.data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInOut, name);
-  return gptr<T>(t.data_ptr<T>());
+gptr<T> inout(Tensor& t, const char* name) {
+  emu::register_buffer(t.mutable_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInOut, name);
+  return gptr<T>(t.mutable_data_ptr<T>());
 }
 
 inline emu::Dim3 grid_2d(unsigned int x, unsigned int y) { return emu::Dim3{x, y, 1}; }
@@ -196,7 +206,7 @@ inline emu::Dim3 as_dim3(int x) { return emu::Dim3{static_cast<unsigned int>(x),
 // its launches between its ATen calls.
 #define MISS_LAUNCH(kernel, grid, threads, ...)                                                  \
   do {                                                                                          \
-    RECORD_FUNCTION("miss::cuda_kernel::" #kernel, std::vector<c10::IValue>());                 \
+    const ::miss::ProfilerRange miss_launch_range("miss::cuda_kernel::" #kernel, {});          \
     ::miss::emu::launch(#kernel, ::miss::device::as_dim3(grid), ::miss::device::as_dim3(threads), \
                         [&] { kernel(__VA_ARGS__); });                                          \
   } while (0)
@@ -222,5 +232,3 @@ namespace device = MISS_DEVICE_API_NAMESPACE;
   for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;     \
        index < (n); index += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
-#define MISS_DISPATCH_FLOAT(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

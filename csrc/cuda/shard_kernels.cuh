@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../aten_calls.h"
 #include "../kernels.h"
 #include "../shard_index.h"
 #include "../tensor_views.h"
@@ -26,7 +27,7 @@ using device::kThreads;
 // groups are summed in shared memory. With more runs one group loops over them. With
 // dropout, a run of 8 is one 8-column group of the mask: one Philox call per run, not per
 // element (philox_dropout.h; benchmarks/gpu_cost_model.py prices the calls).
-template <int kRun, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <int kRun, typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 MISS_GLOBAL void shard_fold_kernel(gptr<const scalar_t> MISS_RESTRICT x, RowIndexer indexer, int64_t rows,
                                    int64_t in, int64_t r, DropoutParams dropout,
                                    gptr<acc_t> MISS_RESTRICT fold) {
@@ -112,22 +113,22 @@ MISS_GLOBAL void update_rows_kernel(gptr<const scalar_t> src, gptr<scalar_t> dst
 }
 
 template <typename scalar_t, typename Update>
-void launch_update_rows(const at::Tensor& src_tensor, at::Tensor& dst_tensor, int64_t total, const Update& update) {
+void launch_update_rows(const Tensor& src_tensor, Tensor& dst_tensor, int64_t total, const Update& update) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   // Every array updated here is one the op allocated (y, a clone, a GEMM's output), and both
   // allocators align those to at least 64 bytes.
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(src_tensor.const_data_ptr()) % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(dst_tensor.const_data_ptr()) % 16 == 0);
+  MISS_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(src_tensor.const_data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(dst_tensor.const_data_ptr()) % 16 == 0);
   const auto src = device::input<scalar_t>(src_tensor, "src");
-  const auto dst = src_tensor.is_same(dst_tensor) ? device::inout<scalar_t>(dst_tensor, "dst")
-                                                  : device::output<scalar_t>(dst_tensor, "dst");
+  const auto dst = src_tensor.const_data_ptr() == dst_tensor.const_data_ptr() ? device::inout<scalar_t>(dst_tensor, "dst")
+                                                                              : device::output<scalar_t>(dst_tensor, "dst");
   MISS_LAUNCH(update_rows_kernel<kVec>, device::blocks_for(ceil_div(total, kVec)), kThreads, src, dst, total, update);
 }
 
 // grad_x[n, i] (+)= drop(n, i) * g[n, i % r]. With dropout, one Philox call per run of
 // consecutive columns in one 8-column group (philox_dropout.h): once per thread and 16-byte
 // pack for bf16/fp16 (8 elements), twice for float32.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 struct TileUpdate {
   gptr<const acc_t> g;
   int64_t in, r;
@@ -158,7 +159,7 @@ struct TileUpdate {
 };
 
 // y[n, o] += v[n, o % m]
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 struct OutTiledAdd {
   gptr<const acc_t> v;
   int64_t out, m;
@@ -170,6 +171,23 @@ struct OutTiledAdd {
   }
 };
 
+// t3[k, row, c] += sign * B[k, row / (in / r), c] on a contiguous [K, in, r] array: the
+// "+ B_k" of every tile of a BAT transform (kernels.h add_block_rows).
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
+struct AddBlockRows {
+  gptr<const scalar_t> block;  // [K, r, r]
+  int64_t in, r;
+  acc_t sign;
+  MISS_DEVICE void run(int64_t first, scalar_t* values, int count) const {
+    for (int k = 0; k < count; ++k) {
+      const int64_t row = (first + k) / r, c = (first + k) % r;  // row of the [K * in, r] view
+      const int64_t a = (row % in) / (in / r);
+      const acc_t added = static_cast<acc_t>(block[((row / in) * r + a) * r + c]);
+      values[k] = static_cast<scalar_t>(static_cast<acc_t>(values[k]) + sign * added);
+    }
+  }
+};
+
 // --- Merge: W[o, i] + sign * B[i % r, o % m] -------------------------------------------
 // One row o per blockIdx.y (grid-stride over rows), the columns of that row over blockIdx.x
 // and the threads. The column index is 32-bit (the host checks in < 2^31) and the shard
@@ -177,7 +195,7 @@ struct OutTiledAdd {
 // transposed, Bt[o % m][i % r], so consecutive threads read consecutive floats of one row
 // of Bt. kVec elements per thread with 16-byte loads and stores where every row start is
 // aligned (checked on the host).
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 struct MergeRows {
   gptr<const scalar_t> weight;
   gptr<const acc_t> block_t;  // [m, r]
@@ -187,7 +205,7 @@ struct MergeRows {
   MISS_DEVICE acc_t delta(int64_t o, int32_t c) const { return sign * block_t[(o % m) * r + c]; }
 };
 
-template <int kVec, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <int kVec, typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 MISS_GLOBAL void shard_merge_kernel(MergeRows<scalar_t> merge, gptr<scalar_t> result) {
   const int32_t step = static_cast<int32_t>(blockDim.x * gridDim.x) * kVec;
   for (int64_t o = blockIdx.y; o < merge.out; o += gridDim.y) {
@@ -219,7 +237,7 @@ MISS_GLOBAL void shard_merge_finite_kernel(MergeRows<scalar_t> merge, gptr<int> 
     for (int32_t i = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x); i < merge.in;
          i += static_cast<int32_t>(blockDim.x * gridDim.x)) {
       const double merged = static_cast<double>(static_cast<scalar_t>(
-          static_cast<at::opmath_type<scalar_t>>(merge.weight[o * merge.in + i]) + merge.delta(o, i % merge.r)));
+          static_cast<opmath_t<scalar_t>>(merge.weight[o * merge.in + i]) + merge.delta(o, i % merge.r)));
       // Atomic: many threads may find a non-finite value and clear the same flag.
       if (!device::is_finite(merged)) device::atomic_store(all_finite, 0);
     }
@@ -229,13 +247,13 @@ MISS_GLOBAL void shard_merge_finite_kernel(MergeRows<scalar_t> merge, gptr<int> 
 // bf16 pieces of a float32 array (kernels.h bf16_pieces): each thread splits one value and
 // writes every slot that holds one of its pieces.
 MISS_GLOBAL void bf16_pieces_kernel(gptr<const float> MISS_RESTRICT t, int64_t rows, int64_t cols,
-                                    PiecePattern pattern, bool along_rows, gptr<at::BFloat16> MISS_RESTRICT out) {
+                                    PiecePattern pattern, bool along_rows, gptr<BFloat16> MISS_RESTRICT out) {
   MISS_GRID_STRIDE_LOOP(index, rows * cols) {
     const int64_t n = index / cols, c = index % cols;
     float rest = t[index];
-    at::BFloat16 piece[3];
+    BFloat16 piece[3];
     for (int p = 0; p < 3; ++p) {
-      piece[p] = static_cast<at::BFloat16>(rest);
+      piece[p] = static_cast<BFloat16>(rest);
       rest -= static_cast<float>(piece[p]);  // exact: the rounding error of a float32 to 8 bits
     }
     for (int s = 0; s < pattern.slots; ++s) {
@@ -247,7 +265,7 @@ MISS_GLOBAL void bf16_pieces_kernel(gptr<const float> MISS_RESTRICT t, int64_t r
 
 }  // namespace
 
-void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& fold) {
+void shard_fold(const Tensor& x, const DropoutParams& dropout, Tensor& fold) {
   const int64_t rows = fold.size(0), r = fold.size(1), in = x.size(-1);
   if (rows == 0) return;
   MISS_DEVICE_GUARD(x);
@@ -255,7 +273,7 @@ void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& f
   const unsigned int grid = static_cast<unsigned int>(std::min<int64_t>(rows, 65535 * 16));
   MISS_DISPATCH_FLOAT(x.scalar_type(), "miss_shard_fold_cuda", [&] {
     const auto x_ptr = device::input<scalar_t>(x, "x");
-    const auto fold_ptr = device::output<at::opmath_type<scalar_t>>(fold, "fold");
+    const auto fold_ptr = device::output<opmath_t<scalar_t>>(fold, "fold");
     if (r % 8 == 0) {
       MISS_LAUNCH(shard_fold_kernel<8>, grid, kThreads, x_ptr, indexer, rows, in, r, dropout, fold_ptr);
     } else {
@@ -264,23 +282,33 @@ void shard_fold(const at::Tensor& x, const DropoutParams& dropout, at::Tensor& f
   });
 }
 
-void shard_tile(at::Tensor& grad_x, const at::Tensor& g, const DropoutParams& dropout, bool accumulate) {
+void shard_tile(Tensor& grad_x, const Tensor& g, const DropoutParams& dropout, bool accumulate) {
   const int64_t rows = grad_x.size(0), in = grad_x.size(1), r = g.size(1);
   if (grad_x.numel() == 0) return;
   MISS_DEVICE_GUARD(grad_x);
   MISS_DISPATCH_FLOAT(grad_x.scalar_type(), "miss_shard_tile_cuda", [&] {
-    const TileUpdate<scalar_t> update{device::input<at::opmath_type<scalar_t>>(g, "g"), in, r, dropout, accumulate};
+    const TileUpdate<scalar_t> update{device::input<opmath_t<scalar_t>>(g, "g"), in, r, dropout, accumulate};
     launch_update_rows<scalar_t>(grad_x, grad_x, rows * in, update);
   });
 }
 
-void add_out_tiled(at::Tensor& y, const at::Tensor& v) {
+void add_out_tiled(Tensor& y, const Tensor& v) {
   const int64_t rows = y.size(0), out = y.size(1), m = v.size(1);
   if (y.numel() == 0) return;
   MISS_DEVICE_GUARD(y);
   MISS_DISPATCH_FLOAT(y.scalar_type(), "miss_add_out_tiled_cuda", [&] {
-    const OutTiledAdd<scalar_t> update{device::input<at::opmath_type<scalar_t>>(v, "v"), out, m};
+    const OutTiledAdd<scalar_t> update{device::input<opmath_t<scalar_t>>(v, "v"), out, m};
     launch_update_rows<scalar_t>(y, y, rows * out, update);
+  });
+}
+
+void add_block_rows(Tensor& t3, const Tensor& block_acc, double sign) {
+  if (t3.numel() == 0) return;
+  MISS_DEVICE_GUARD(t3);
+  MISS_DISPATCH_FLOAT(t3.scalar_type(), "miss_add_block_rows_cuda", [&] {
+    const AddBlockRows<scalar_t> update{device::input<scalar_t>(block_acc, "block"), t3.size(1), t3.size(2),
+                                        static_cast<opmath_t<scalar_t>>(sign)};
+    launch_update_rows<scalar_t>(t3, t3, t3.numel(), update);
   });
 }
 
@@ -294,30 +322,30 @@ auto merge_grid(int64_t out, int64_t in, int vec) {
 }
 
 template <typename scalar_t>
-MergeRows<scalar_t> merge_rows(const at::Tensor& weight, const at::Tensor& block_t, float sign) {
-  TORCH_CHECK(weight.size(1) < (int64_t{1} << 31), "miss: merge of a weight with ", weight.size(1),
+MergeRows<scalar_t> merge_rows(const Tensor& weight, const Tensor& block_t, float sign) {
+  MISS_CHECK(weight.size(1) < (int64_t{1} << 31), "miss: merge of a weight with ", weight.size(1),
               " in_features (at most 2^31 - 1 per row on CUDA)");
   return MergeRows<scalar_t>{device::input<scalar_t>(weight, "weight"),
-                             device::input<at::opmath_type<scalar_t>>(block_t, "block_t"), weight.size(0),
+                             device::input<opmath_t<scalar_t>>(block_t, "block_t"), weight.size(0),
                              block_t.size(0), static_cast<int32_t>(weight.size(1)),
                              static_cast<int32_t>(block_t.size(1)), sign};
 }
 
 }  // namespace
 
-void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float sign, at::Tensor& result) {
+void shard_merge(const Tensor& weight, const Tensor& block_acc, float sign, Tensor& result) {
   const int64_t out = weight.size(0), in = weight.size(1);
   if (weight.numel() == 0) return;
   MISS_DEVICE_GUARD(weight);
-  const at::Tensor block_t = block_acc.t().contiguous();  // [m, r]: coalesced reads
+  const Tensor block_t = aten::contiguous(aten::t(block_acc));  // [m, r]: coalesced reads
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool aligned = reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(result.const_data_ptr()) % 16 == 0 &&
                          (in * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0;
     const MergeRows<scalar_t> merge = merge_rows<scalar_t>(weight, block_t, sign);
-    const auto res = weight.is_same(result) ? device::inout<scalar_t>(result, "result")
-                                            : device::output<scalar_t>(result, "result");
+    const auto res = weight.const_data_ptr() == result.const_data_ptr() ? device::inout<scalar_t>(result, "result")
+                                                                        : device::output<scalar_t>(result, "result");
     if (aligned) {
       MISS_LAUNCH(shard_merge_kernel<kVec>, merge_grid(out, in, kVec), kThreads, merge, res);
     } else {
@@ -326,26 +354,26 @@ void shard_merge(const at::Tensor& weight, const at::Tensor& block_acc, float si
   });
 }
 
-bool shard_merge_is_finite(const at::Tensor& weight, const at::Tensor& block_acc, float sign) {
+bool shard_merge_is_finite(const Tensor& weight, const Tensor& block_acc, float sign) {
   const int64_t out = weight.size(0), in = weight.size(1);
   if (weight.numel() == 0) return true;
   MISS_DEVICE_GUARD(weight);
-  const at::Tensor block_t = block_acc.t().contiguous();
-  at::Tensor all_finite = at::ones({1}, weight.options().dtype(at::kInt));
+  const Tensor block_t = aten::contiguous(aten::t(block_acc));
+  Tensor all_finite = aten::full({1}, 1.0, kInt, std::nullopt, weight.device());
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_shard_merge_finite_cuda", [&] {
     const MergeRows<scalar_t> merge = merge_rows<scalar_t>(weight, block_t, sign);
     const auto flag = device::inout<int>(all_finite, "all_finite");
     MISS_LAUNCH(shard_merge_finite_kernel<scalar_t>, merge_grid(out, in, 1), kThreads, merge, flag);
   });
-  return all_finite.item<int>() == 1;
+  return item<int32_t>(all_finite) == 1;
 }
 
-void bf16_pieces(const at::Tensor& t, const PiecePattern& pattern, bool along_rows, at::Tensor& out) {
+void bf16_pieces(const Tensor& t, const PiecePattern& pattern, bool along_rows, Tensor& out) {
   const int64_t rows = t.size(0), cols = t.size(1);
   if (t.numel() == 0) return;
   MISS_DEVICE_GUARD(t);
   const auto t_ptr = device::input<float>(t, "t");
-  const auto out_ptr = device::output<at::BFloat16>(out, "out");
+  const auto out_ptr = device::output<BFloat16>(out, "out");
   MISS_LAUNCH(bf16_pieces_kernel, device::blocks_for(rows * cols), kThreads, t_ptr, rows, cols, pattern, along_rows,
               out_ptr);
 }

@@ -7,7 +7,7 @@
 //
 // Also here: configure(seed, detect_races, sm_count, preempt), launch_log(clear) and
 // planted_bug(out, kind), kernels with a known bug that prove the checks can fail.
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <string>
 #include <utility>
@@ -46,8 +46,8 @@ struct Emulated<R (*)(Args...), f> {
 #define MISS_EMULATED(name) &::miss::Emulated<decltype(&::miss::name), &::miss::name>::call
 
 void configure(int64_t seed, bool detect_races, int64_t sm_count, double preempt) {
-  TORCH_CHECK(sm_count >= 1, "miss_emulated_cuda.configure: argument 'sm_count' must be >= 1, got ", sm_count);
-  TORCH_CHECK(preempt >= 0 && preempt <= 1, "miss_emulated_cuda.configure: argument 'preempt' must be in [0, 1], got ",
+  MISS_CHECK(sm_count >= 1, "miss_emulated_cuda.configure: argument 'sm_count' must be >= 1, got ", sm_count);
+  MISS_CHECK(preempt >= 0 && preempt <= 1, "miss_emulated_cuda.configure: argument 'preempt' must be in [0, 1], got ",
               preempt);
   emu::Config& c = emu::config();
   c.seed = static_cast<uint64_t>(seed);
@@ -66,22 +66,27 @@ std::vector<std::string> launch_log(bool clear) {
 
 bool emulating_cuda() { return emulating; }
 
-void planted_bug(at::Tensor& out, const std::string& kind);  // test_kernels.cpp
+void planted_bug(Tensor& out, const std::string& kind);  // planted_bugs.cpp
 
 }  // namespace miss
 
-TORCH_LIBRARY(miss_emulated_cuda, m) {
+STABLE_TORCH_LIBRARY(miss_emulated_cuda, m) {
   miss::define_schemas(m);
-  // No tensor arguments, so no dispatch key: defined with their function (every key).
-  m.def("configure(int seed=0, bool detect_races=True, int sm_count=4, float preempt=0.125) -> ()",
-        &miss::configure);
-  m.def("launch_log(bool clear=False) -> str[]", &miss::launch_log);
+  m.def("configure(int seed=0, bool detect_races=True, int sm_count=4, float preempt=0.125) -> ()");
+  m.def("launch_log(bool clear=False) -> str[]");
   m.def("planted_bug(Tensor(a!) out, str kind) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(miss_emulated_cuda, CPU, m) {
-#define MISS_IMPL_EMULATED_OP(name) m.impl(#name, MISS_EMULATED(name));
+STABLE_TORCH_LIBRARY_IMPL(miss_emulated_cuda, CPU, m) {
+#define MISS_IMPL_EMULATED_OP(name) m.impl(#name, TORCH_BOX(MISS_EMULATED(name)));
   MISS_FOR_EACH_OP(MISS_IMPL_EMULATED_OP)
 #undef MISS_IMPL_EMULATED_OP
-  m.impl("planted_bug", &miss::planted_bug);
+  m.impl("planted_bug", TORCH_BOX(&miss::planted_bug));
+}
+
+// No tensor arguments, so no backend key to dispatch on: the composite key serves every
+// backend.
+STABLE_TORCH_LIBRARY_IMPL(miss_emulated_cuda, CompositeExplicitAutograd, m) {
+  m.impl("configure", TORCH_BOX(&miss::configure));
+  m.impl("launch_log", TORCH_BOX(&miss::launch_log));
 }

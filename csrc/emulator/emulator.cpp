@@ -3,7 +3,7 @@
 // never-written checks.
 #include "emulator.h"
 
-#include <c10/util/Exception.h>
+#include "../torch_api.h"  // MISS_CHECK
 #include <ucontext.h>
 
 #include <algorithm>
@@ -287,7 +287,7 @@ bool access(const void* address, size_t bytes, bool write, bool atomic) {
 void* shared_array(const char* name, size_t bytes, size_t element_size) {
   for (auto& [base, b] : state.shared) {
     if (b.name == name) {
-      TORCH_CHECK(b.bytes == bytes, "miss emulator: shared array '", name, "' declared with ", bytes,
+      MISS_CHECK(b.bytes == bytes, "miss emulator: shared array '", name, "' declared with ", bytes,
                   " and ", b.bytes, " bytes");
       return reinterpret_cast<void*>(base);
     }
@@ -300,16 +300,16 @@ void* shared_array(const char* name, size_t bytes, size_t element_size) {
 }
 
 void sync_threads() {
-  TORCH_CHECK(state.running_fiber >= 0, "miss emulator: __syncthreads outside a kernel");
+  MISS_CHECK(state.running_fiber >= 0, "miss emulator: __syncthreads outside a kernel");
   state.fibers[state.running_fiber].state = FiberState::kAtBarrier;
   yield();
 }
 
 void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void()>& body) {
-  TORCH_CHECK(!state.running, "miss emulator: a launch inside a kernel");
+  MISS_CHECK(!state.running, "miss emulator: a launch inside a kernel");
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  TORCH_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64 && blocks >= 1 && grid.y <= 65535 &&
+  MISS_CHECK(threads >= 1 && threads <= 1024 && block.z <= 64 && blocks >= 1 && grid.y <= 65535 &&
                   grid.z <= 65535 && grid.x <= 2147483647u,
               "miss emulator: kernel ", kernel, ": invalid configuration argument (grid (", grid.x, ", ",
               grid.y, ", ", grid.z, "), block (", block.x, ", ", block.y, ", ", block.z, "))");
@@ -351,7 +351,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   state.shared_storage.clear();
   state.shadow.clear();
   state.shared_shadow.clear();
-  TORCH_CHECK(error.empty(), error);
+  MISS_CHECK(error.empty(), error);
 }
 
 }  // namespace emu

@@ -5,6 +5,8 @@
 #define MISS_EMULATE_CUDA
 #include <string>
 
+#include <torch/csrc/stable/ops.h>
+
 #include "../cuda/device_api.cuh"
 
 namespace miss {
@@ -54,8 +56,8 @@ MISS_GLOBAL void misaligned_kernel(gptr<float> out) {
 
 }  // namespace
 
-void planted_bug(at::Tensor& out, const std::string& kind) {
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 512,
+void planted_bug(Tensor& out, const std::string& kind) {
+  MISS_CHECK(out.scalar_type() == kFloat && out.is_contiguous() && out.numel() >= 512,
               "miss_emulated_cuda.planted_bug: argument 'out' must be a contiguous float32 tensor of at least 512 "
               "elements, got ", out.scalar_type(), " ", out.sizes());
   const int64_t n = out.numel();
@@ -64,7 +66,7 @@ void planted_bug(at::Tensor& out, const std::string& kind) {
     MISS_LAUNCH(blocks_overlap_kernel, 1, 256, p);
     return;
   }
-  out.fill_(0.0f);
+  torch::stable::fill_(out, 0.0);
   const auto p = device::inout<float>(out, "out");
   if (kind == "write_write") {
     MISS_LAUNCH(same_element_kernel, 1, 256, p);
@@ -81,7 +83,7 @@ void planted_bug(at::Tensor& out, const std::string& kind) {
   } else if (kind == "misaligned") {
     MISS_LAUNCH(misaligned_kernel, 1, 256, p);
   } else {
-    TORCH_CHECK(false, "miss_emulated_cuda.planted_bug: unknown kind '", kind, "'");
+    MISS_CHECK(false, "miss_emulated_cuda.planted_bug: unknown kind '", kind, "'");
   }
 }
 

@@ -5,19 +5,19 @@
 // the one-thread-per-element CUDA kernels it replaced read each operand r times).
 #pragma once
 
-#include <ATen/ATen.h>
+#include "../torch_api.h"
 
 namespace miss {
 namespace bat_batched {
 
 // out_kj = W_kj + W_kj B_k + B_k; out may be weight itself (in-place merge).
-void transform(const at::Tensor& weight, const at::Tensor& block_acc, at::Tensor& out);
+void transform(const Tensor& weight, const Tensor& block_acc, Tensor& out);
 // grad_block_k = sum_j W_kj^T G_kj + G_kj; G and grad_block in the acc dtype of W.
-void block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, at::Tensor& grad_block);
+void block_grad(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block);
 // out_kj = G_kj (I + B_k)^T, the gradient of transform with respect to W.
-void weight_grad(const at::Tensor& grad_weight, const at::Tensor& block_acc, at::Tensor& out);
+void weight_grad(const Tensor& grad_weight, const Tensor& block_acc, Tensor& out);
 // W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64.
-void unmerge(at::Tensor& weight, const at::Tensor& block_acc, const at::Tensor& inverse);
+void unmerge(Tensor& weight, const Tensor& block_acc, const Tensor& inverse);
 
 }  // namespace bat_batched
 }  // namespace miss

@@ -2,8 +2,7 @@
 // forward GEMM and rebuilt in backward rather than kept: PEFT keeps weight-sized copies for
 // backward, which is where its extra memory goes. The backward needs G = dy^T x (the
 // gradient with respect to W'), computed in float32; on CUDA a slab of its rows at a time.
-#include <c10/core/DeviceGuard.h>
-
+#include "../aten_calls.h"
 #include "../checks.h"
 #include "bat_batched.h"
 #include "../tensor_views.h"
@@ -13,32 +12,36 @@
 namespace miss {
 namespace {
 
-void check_bat_layer(const char* op, const at::Tensor& weight, const at::Tensor& block) {
+void check_bat_layer(const char* op, const Tensor& weight, const Tensor& block) {
   check_float_tensor(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
   check_bat_block(op, block, weight.size(1), weight.size(0));
   check_same_device(op, "block", block, "weight", weight);
 }
 
-at::Tensor transformed_weight(const at::Tensor& weight, const at::Tensor& block) {
-  const at::Tensor w = weight.contiguous();
-  at::Tensor result = at::empty_like(w);
-  bat_batched::transform(w, block.to(accumulate_dtype(w.scalar_type())).contiguous(), result);
+Tensor block_in_acc(const Tensor& block, const Tensor& data) {
+  return aten::contiguous(aten::to(block, accumulate_dtype(data.scalar_type())));
+}
+
+Tensor transformed_weight(const Tensor& weight, const Tensor& block) {
+  const Tensor w = aten::contiguous(weight);
+  Tensor result = aten::empty_like(w);
+  bat_batched::transform(w, block_in_acc(block, w), result);
   return result;
 }
 
 // In the accumulation dtype of weight (float32, or float64 for float64).
-at::Tensor block_grad_of(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r) {
-  const at::ScalarType acc = accumulate_dtype(weight.scalar_type());
-  at::Tensor grad_block = at::empty({weight.size(0) / r, r, r}, weight.options().dtype(acc));
-  bat_batched::block_grad(grad_weight.to(acc).contiguous(), weight.contiguous(), grad_block);
+Tensor block_grad_of(const Tensor& grad_weight, const Tensor& weight, int64_t r) {
+  const ScalarType acc = accumulate_dtype(weight.scalar_type());
+  Tensor grad_block = aten::empty({weight.size(0) / r, r, r}, acc, std::nullopt, weight.device());
+  bat_batched::block_grad(aten::contiguous(aten::to(grad_weight, acc)), aten::contiguous(weight), grad_block);
   return grad_block;
 }
 
-at::Tensor weight_grad_of(const at::Tensor& grad_weight, const at::Tensor& block) {
-  const at::Tensor g = grad_weight.contiguous();
-  at::Tensor result = at::empty_like(g);
-  bat_batched::weight_grad(g, block.to(accumulate_dtype(g.scalar_type())).contiguous(), result);
+Tensor weight_grad_of(const Tensor& grad_weight, const Tensor& block) {
+  const Tensor g = aten::contiguous(grad_weight);
+  Tensor result = aten::empty_like(g);
+  bat_batched::weight_grad(g, block_in_acc(block, g), result);
   return result;
 }
 
@@ -48,14 +51,14 @@ at::Tensor weight_grad_of(const at::Tensor& grad_weight, const at::Tensor& block
 // blocks of at most 1/8 of x's bytes keep it small, and each slab is still one large GEMM
 // (at the benchmark shape 8 slabs of 512 rows). The rule scales with the shape, so the
 // number of slabs does not depend on the size (benchmarks/gpu_cost_model.py relies on it).
-int64_t g_slab_rows(const at::Tensor& x, int64_t out, int64_t in, int64_t r) {
+int64_t g_slab_rows(const Tensor& x, int64_t out, int64_t in, int64_t r) {
   if (!on_cuda_path(x)) return std::max<int64_t>(out, 1);
   const int64_t budget_bytes = x.numel() * static_cast<int64_t>(x.element_size()) / 8;
   const int64_t row_bytes = std::max<int64_t>(1, in * static_cast<int64_t>(sizeof(float)));
   return std::max<int64_t>(r, budget_bytes / row_bytes / r * r);
 }
 
-void check_x_for_weight(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+void check_x_for_weight(const char* op, const Tensor& x, const Tensor& weight) {
   check_float_tensor(op, "x", x);
   check_min_dim(op, "x", x, 1);
   check_same_device(op, "x", x, "weight", weight);
@@ -65,103 +68,103 @@ void check_x_for_weight(const char* op, const at::Tensor& x, const at::Tensor& w
 
 }  // namespace
 
-at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block) {
+Tensor bat_weight(const Tensor& weight, const Tensor& block) {
   check_bat_layer("bat_weight", weight, block);
-  const c10::OptionalDeviceGuard guard(at::device_of(weight));
+  const OptionalDeviceGuard guard(weight);
   return transformed_weight(weight, block);
 }
 
-at::Tensor bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r) {
+Tensor bat_block_grad(const Tensor& grad_weight, const Tensor& weight, int64_t r) {
   const char* op = "bat_block_grad";
   check_float_tensor(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
   check_float_tensor(op, "grad_weight", grad_weight);
   check_same_device(op, "grad_weight", grad_weight, "weight", weight);
-  TORCH_CHECK(grad_weight.sizes() == weight.sizes(), "miss.", op,
+  MISS_CHECK(grad_weight.sizes().equals(weight.sizes()), "miss.", op,
               ": argument 'grad_weight' must have the shape of 'weight' ", weight.sizes(), ", got ",
               grad_weight.sizes());
-  TORCH_CHECK(r >= 1 && weight.size(0) % r == 0 && weight.size(1) % r == 0, "miss.", op,
+  MISS_CHECK(r >= 1 && weight.size(0) % r == 0 && weight.size(1) % r == 0, "miss.", op,
               ": argument 'r' (", r, ") must divide in_features (", weight.size(1),
               ") and out_features (", weight.size(0), ")");
-  const c10::OptionalDeviceGuard guard(at::device_of(weight));
+  const OptionalDeviceGuard guard(weight);
   return block_grad_of(grad_weight, weight, r);
 }
 
-at::Tensor bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block) {
+Tensor bat_weight_grad(const Tensor& grad_weight, const Tensor& block) {
   const char* op = "bat_weight_grad";
   check_float_tensor(op, "grad_weight", grad_weight);
   check_dim(op, "grad_weight", grad_weight, 2);
   check_bat_block(op, block, grad_weight.size(1), grad_weight.size(0));
   check_same_device(op, "block", block, "grad_weight", grad_weight);
-  const c10::OptionalDeviceGuard guard(at::device_of(grad_weight));
+  const OptionalDeviceGuard guard(grad_weight);
   return weight_grad_of(grad_weight, block);
 }
 
-at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                      const at::Tensor& block) {
+Tensor bat_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                  const Tensor& block) {
   const char* op = "bat_linear";
   check_bat_layer(op, weight, block);
   check_x_for_weight(op, x, weight);
-  if (bias.has_value() && bias->defined()) {
+  if (defined(bias)) {
     check_dim(op, "bias", *bias, 1);
     check_size(op, "bias", *bias, 0, weight.size(0), "out_features");
     check_same_device(op, "bias", *bias, "weight", weight);
     check_same_dtype(op, "bias", *bias, "weight", weight);
   }
-  const c10::OptionalDeviceGuard guard(at::device_of(x));
-  return at::linear(x, transformed_weight(weight, block), bias);
+  const OptionalDeviceGuard guard(x);
+  return aten::linear(x, transformed_weight(weight, block), bias);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& block, std::array<bool, 3> output_mask) {
+std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+    const Tensor& block, std::vector<bool> output_mask) {
   const char* op = "bat_linear_backward";
   check_bat_layer(op, weight, block);
   check_x_for_weight(op, x, weight);
   check_float_tensor(op, "grad_out", grad_out);
   check_same_device(op, "grad_out", grad_out, "weight", weight);
   check_same_dtype(op, "grad_out", grad_out, "weight", weight);
-  TORCH_CHECK(grad_out.dim() == x.dim() &&
-                  grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1) &&
+  MISS_CHECK(grad_out.dim() == x.dim() &&
+                  grad_out.sizes().slice(0, x.dim() - 1).equals(x.sizes().slice(0, x.dim() - 1)) &&
                   grad_out.size(-1) == weight.size(0),
               "miss.", op, ": argument 'grad_out' must have shape x.shape[:-1] + [out_features=",
               weight.size(0), "], got ", grad_out.sizes());
-  const c10::OptionalDeviceGuard guard(at::device_of(x));
+  const OptionalDeviceGuard guard(x);
   const bool need_x = output_mask[0], need_weight = output_mask[1], need_block = output_mask[2];
   const int64_t rows = num_rows(x), in = weight.size(1), out = weight.size(0);
-  const at::Tensor dy = grad_out.reshape({rows, out});
+  const Tensor dy = aten::reshape(grad_out, {rows, out});
 
-  at::Tensor grad_x = at::empty({0}, x.options());
-  if (need_x) grad_x = at::mm(dy, transformed_weight(weight, block)).view(x.sizes());
+  Tensor grad_x = aten::empty({0}, x.scalar_type(), std::nullopt, x.device());
+  if (need_x) grad_x = aten::view(aten::mm(dy, transformed_weight(weight, block)), x.sizes());
 
-  at::Tensor grad_weight = at::empty({0}, weight.options());
-  at::Tensor grad_block = at::empty({0}, block.options());
+  Tensor grad_weight = aten::empty({0}, weight.scalar_type(), std::nullopt, weight.device());
+  Tensor grad_block = aten::empty({0}, block.scalar_type(), std::nullopt, block.device());
   if (need_weight || need_block) {
     // G in float32 (float64 for float64): dB sums r * in / r products of G with W, and G
     // rounded to bf16 would carry a 2^-9 relative error into every one of them. The operands
     // stay in their dtype where the device can (mm_accumulate).
-    const at::ScalarType acc = accumulate_dtype(x.scalar_type());
-    const at::Tensor x2d = x.reshape({rows, in});
-    const at::Tensor dy_t = dy.t();
+    const ScalarType acc = accumulate_dtype(x.scalar_type());
+    const Tensor x2d = aten::reshape(x, {rows, in});
+    const Tensor dy_t = aten::t(dy);
     const int64_t r = block.size(-1), step = g_slab_rows(x, out, in, r);
     // Once for every slab: W contiguous, and the block in the accumulation dtype.
-    const at::Tensor w = weight.contiguous();
-    const at::Tensor block_acc = need_weight ? block.to(acc).contiguous() : at::Tensor();
-    if (need_block) grad_block = at::empty({out / r, r, r}, block.options().dtype(acc));
-    if (need_weight) grad_weight = at::empty_like(w);
+    const Tensor w = aten::contiguous(weight);
+    const Tensor block_acc = need_weight ? block_in_acc(block, x) : Tensor();
+    if (need_block) grad_block = aten::empty({out / r, r, r}, acc, std::nullopt, block.device());
+    if (need_weight) grad_weight = aten::empty_like(w);
     for (int64_t first = 0; first < out; first += step) {
       const int64_t count = std::min(step, out - first);
-      const at::Tensor g = mm_accumulate(dy_t.narrow(0, first, count), x2d, acc);
+      const Tensor g = mm_accumulate(aten::narrow(dy_t, 0, first, count), x2d, acc);
       if (need_block) {
-        at::Tensor slab = grad_block.narrow(0, first / r, count / r);
-        bat_batched::block_grad(g, w.narrow(0, first, count), slab);
+        Tensor slab = aten::narrow(grad_block, 0, first / r, count / r);
+        bat_batched::block_grad(g, aten::narrow(w, 0, first, count), slab);
       }
       if (need_weight) {  // written straight into its rows of grad_weight, in W's dtype
-        at::Tensor slab = grad_weight.narrow(0, first, count);
-        bat_batched::weight_grad(g, block_acc.narrow(0, first / r, count / r), slab);
+        Tensor slab = aten::narrow(grad_weight, 0, first, count);
+        bat_batched::weight_grad(g, aten::narrow(block_acc, 0, first / r, count / r), slab);
       }
     }
-    if (need_block) grad_block = grad_block.to(block.scalar_type());
+    if (need_block) grad_block = aten::to(grad_block, block.scalar_type());
   }
   return {grad_x, grad_weight, grad_block};
 }

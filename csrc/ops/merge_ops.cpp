@@ -1,8 +1,9 @@
 // In-place merge and unmerge of one adapter into its base weight, any variant (read from
 // the block's rank). Each either completes or leaves the weight bit-identical: every check,
 // the finiteness check of a safe merge included, runs before the first write.
-#include <c10/core/DeviceGuard.h>
+#include <cmath>
 
+#include "../aten_calls.h"
 #include "../checks.h"
 #include "../kernels.h"
 #include "bat_batched.h"
@@ -11,15 +12,15 @@
 namespace miss {
 namespace {
 
-void check_weight_for_merge(const char* op, const at::Tensor& weight, const at::Tensor& block) {
+void check_weight_for_merge(const char* op, const Tensor& weight, const Tensor& block) {
   check_float_tensor(op, "weight", weight);
   check_dim(op, "weight", weight, 2);
-  TORCH_CHECK(weight.is_contiguous(), "miss.", op,
+  MISS_CHECK(weight.is_contiguous(), "miss.", op,
               ": argument 'weight' must be contiguous to be updated in place, got strides ",
               weight.strides());
   check_float_tensor(op, "block", block);
   check_same_device(op, "block", block, "weight", weight);
-  TORCH_CHECK(block.dim() == 2 || block.dim() == 3, "miss.", op,
+  MISS_CHECK(block.dim() == 2 || block.dim() == 3, "miss.", op,
               ": argument 'block' must be 2-D (standard [r, out], mini [r, mini_r]) or 3-D (bat "
               "[out / r, r, r]), got shape ", block.sizes());
   if (block.dim() == 2) {
@@ -32,36 +33,40 @@ void check_weight_for_merge(const char* op, const at::Tensor& weight, const at::
 // inv(I + B_k) for every k, in float64, after checking that each I + B_k is well conditioned
 // (1-norm condition number at most kMaxUnmergeCondition): past that, unmerge would amplify
 // the rounding of the merged weight into a visibly wrong W.
-at::Tensor checked_inverse_of_identity_plus(const at::Tensor& block) {
+// The 1-norm of every matrix of a batch [K, r, r]: the largest column sum of |a|, as
+// torch.linalg.matrix_norm(a, 1) computes it.
+Tensor one_norms(const Tensor& a) { return torch::stable::amax(aten::sum(aten::abs(a), std::vector<int64_t>{-2}), -1); }
+
+Tensor checked_inverse_of_identity_plus(const Tensor& block) {
   const int64_t r = block.size(-1);
-  const at::Tensor a = block.to(at::kDouble) + at::eye(r, block.options().dtype(at::kDouble));
-  auto [inverse, info] = at::linalg_inv_ex(a);
-  const at::Tensor condition = at::linalg_matrix_norm(a, 1, {-2, -1}) *
-                               at::linalg_matrix_norm(inverse, 1, {-2, -1});
-  const at::Tensor info_cpu = info.cpu();
-  const at::Tensor condition_cpu = condition.cpu();
+  const Tensor a = aten::add(aten::to(block, kDouble), aten::eye(r, kDouble, block.device()));
+  auto [inverse, info] = aten::linalg_inv_ex(a);
+  const Tensor condition = aten::mul(one_norms(a), one_norms(inverse));
+  const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
+  const Tensor info_cpu = aten::to(info, cpu);
+  const Tensor condition_cpu = aten::to(condition, cpu);
   for (int64_t k = 0; k < block.size(0); ++k) {
-    const double c = condition_cpu[k].item<double>();
+    const double c = item<double>(aten::select(condition_cpu, 0, k));
     // A singular matrix has no finite condition number (the inverse is Inf/NaN): say singular.
-    TORCH_CHECK(info_cpu[k].item<int64_t>() == 0 && std::isfinite(c), "miss.unmerge_: I + block[",
+    MISS_CHECK(item<int64_t>(aten::select(info_cpu, 0, k)) == 0 && std::isfinite(c), "miss.unmerge_: I + block[",
                 k, "] is singular: the bat merge cannot be undone; weight left unchanged");
-    TORCH_CHECK(c <= kMaxUnmergeCondition, "miss.unmerge_: I + block[", k,
+    MISS_CHECK(c <= kMaxUnmergeCondition, "miss.unmerge_: I + block[", k,
                 "] is ill-conditioned (1-norm condition number ", c, ", at most ",
                 kMaxUnmergeCondition, " accepted): the bat merge cannot be undone; weight left "
                 "unchanged");
   }
-  return inverse.contiguous();
+  return aten::contiguous(inverse);
 }
 
 }  // namespace
 
-void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite) {
+void merge_(Tensor& weight, const Tensor& block, bool check_finite) {
   const char* op = "merge_";
   check_weight_for_merge(op, weight, block);
-  const c10::OptionalDeviceGuard guard(at::device_of(weight));
-  const at::Tensor block_acc = block.to(accumulate_dtype(weight.scalar_type())).contiguous();
+  const OptionalDeviceGuard guard(weight);
+  const Tensor block_acc = aten::contiguous(aten::to(block, accumulate_dtype(weight.scalar_type())));
   if (block.dim() == 2) {
-    TORCH_CHECK(!check_finite || MISS_ROUTE(weight, shard_merge_is_finite, weight, block_acc, 1.0f),
+    MISS_CHECK(!check_finite || MISS_ROUTE(weight, shard_merge_is_finite, weight, block_acc, 1.0f),
                 "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
     MISS_ROUTE(weight, shard_merge, weight, block_acc, 1.0f, weight);
     return;
@@ -70,22 +75,22 @@ void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite) {
     bat_batched::transform(weight, block_acc, weight);
     return;
   }
-  at::Tensor merged = at::empty_like(weight);
+  Tensor merged = aten::empty_like(weight);
   bat_batched::transform(weight, block_acc, merged);
-  TORCH_CHECK(at::isfinite(merged).all().item<bool>(),
+  MISS_CHECK(item<bool>(aten::all(aten::isfinite(merged))),
               "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
-  weight.copy_(merged);
+  aten::copy_(weight, merged);
 }
 
-void unmerge_(at::Tensor& weight, const at::Tensor& block) {
+void unmerge_(Tensor& weight, const Tensor& block) {
   check_weight_for_merge("unmerge_", weight, block);
-  const c10::OptionalDeviceGuard guard(at::device_of(weight));
-  const at::Tensor block_acc = block.to(accumulate_dtype(weight.scalar_type())).contiguous();
+  const OptionalDeviceGuard guard(weight);
+  const Tensor block_acc = aten::contiguous(aten::to(block, accumulate_dtype(weight.scalar_type())));
   if (block.dim() == 2) {
     MISS_ROUTE(weight, shard_merge, weight, block_acc, -1.0f, weight);
     return;
   }
-  const at::Tensor inverse = checked_inverse_of_identity_plus(block);
+  const Tensor inverse = checked_inverse_of_identity_plus(block);
   bat_batched::unmerge(weight, block_acc, inverse);
 }
 

@@ -3,44 +3,42 @@
 // route everything MiSS-specific to the device's kernels (csrc/kernels.h).
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "../torch_api.h"
 
 namespace miss {
 
-using OptTensor = std::optional<at::Tensor>;
-
 // Standard and mini. The block is [r, m]: m == out is standard, m < out (m | out) is mini.
-at::Tensor shard_fold(const at::Tensor& x, int64_t r, double p, const OptTensor& seed);
-at::Tensor shard_tile_add(const at::Tensor& grad_x, const at::Tensor& g, double p,
+Tensor shard_fold(const Tensor& x, int64_t r, double p, const OptTensor& seed);
+Tensor shard_tile_add(const Tensor& grad_x, const Tensor& g, double p,
                           const OptTensor& seed);
-std::tuple<at::Tensor, at::Tensor> shard_linear(const at::Tensor& x, const at::Tensor& weight,
-                                                const OptTensor& bias, const at::Tensor& block,
+std::tuple<Tensor, Tensor> shard_linear(const Tensor& x, const Tensor& weight,
+                                                const OptTensor& bias, const Tensor& block,
                                                 double p, const OptTensor& seed);
-std::tuple<at::Tensor, at::Tensor> shard_delta_add(const at::Tensor& y, const at::Tensor& x,
-                                                   const at::Tensor& block, double p,
+std::tuple<Tensor, Tensor> shard_delta_add(const Tensor& y, const Tensor& x,
+                                                   const Tensor& block, double p,
                                                    const OptTensor& seed);
-std::tuple<at::Tensor, at::Tensor> shard_linear_backward(
-    const at::Tensor& grad_out, const at::Tensor& fold, const OptTensor& weight,
-    const at::Tensor& block, int64_t in_features, double p, const OptTensor& seed,
-    const OptTensor& grad_fold, std::array<bool, 2> output_mask);
+std::tuple<Tensor, Tensor> shard_linear_backward(
+    const Tensor& grad_out, const Tensor& fold, const OptTensor& weight,
+    const Tensor& block, int64_t in_features, double p, const OptTensor& seed,
+    const OptTensor& grad_fold, std::vector<bool> output_mask);
 
 // BAT. The block is [out / r, r, r].
-at::Tensor bat_weight(const at::Tensor& weight, const at::Tensor& block);
-at::Tensor bat_block_grad(const at::Tensor& grad_weight, const at::Tensor& weight, int64_t r);
-at::Tensor bat_weight_grad(const at::Tensor& grad_weight, const at::Tensor& block);
-at::Tensor bat_linear(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                      const at::Tensor& block);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bat_linear_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& block, std::array<bool, 3> output_mask);
+Tensor bat_weight(const Tensor& weight, const Tensor& block);
+Tensor bat_block_grad(const Tensor& grad_weight, const Tensor& weight, int64_t r);
+Tensor bat_weight_grad(const Tensor& grad_weight, const Tensor& block);
+Tensor bat_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                      const Tensor& block);
+std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+    const Tensor& block, std::vector<bool> output_mask);
 
 // In place on weight; the variant is read from the block's rank (2-D shard, 3-D BAT).
-void merge_(at::Tensor& weight, const at::Tensor& block, bool check_finite);
-void unmerge_(at::Tensor& weight, const at::Tensor& block);
+void merge_(Tensor& weight, const Tensor& block, bool check_finite);
+void unmerge_(Tensor& weight, const Tensor& block);
 
 // Largest condition number of I + B_k that unmerge_ accepts (see unmerge_).
 constexpr double kMaxUnmergeCondition = 1e4;

@@ -1,0 +1,143 @@
+// The ATen ops the op bodies call, through the stable ABI (torch_api.h). Most go through the
+// dispatcher by name (torch_call_dispatcher), exactly as at::mm(...) does, so the profiler
+// records them as "aten::<op>" with their shapes.
+//
+// The dispatcher of the stable ABI cannot pass a Scalar argument (no StableIValue conversion
+// for it up to torch 2.15), so ops with beta/alpha (addmm_, baddbmm) run through the AOTI
+// device shims aoti_torch_{cpu,cuda}_*_out: the same structured kernels, called below the
+// dispatcher, inside a profiler range of the op's name. A + B becomes A - (-1) * B
+// (aten::sub runs the kernel of aten::add with -alpha: the same bits).
+#pragma once
+
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/stableivalue_conversions.h>
+#ifdef MISS_WITH_CUDA
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
+#endif
+
+#include <array>
+#include <tuple>
+
+#include "torch_api.h"
+
+namespace miss {
+namespace aten {
+
+using torch::stable::contiguous;
+using torch::stable::copy_;
+using torch::stable::empty;
+using torch::stable::empty_like;
+using torch::stable::full;
+using torch::stable::new_zeros;
+using torch::stable::reshape;
+using torch::stable::select;
+using torch::stable::subtract;
+using torch::stable::sum;
+using torch::stable::sum_out;
+using torch::stable::to;
+using torch::stable::transpose;
+using torch::stable::view;
+
+namespace detail {
+using torch::stable::detail::from;
+using torch::stable::detail::to;
+
+template <typename... Args>
+auto stack_of(const Args&... args) {
+  return std::array<StableIValue, sizeof...(Args)>{from(args)...};
+}
+
+template <size_t N>
+void call(const char* op, const char* overload, std::array<StableIValue, N>& stack) {
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION));
+}
+
+template <typename... Args>
+Tensor call_tensor(const char* op, const char* overload, const Args&... args) {
+  auto stack = stack_of(args...);
+  call(op, overload, stack);
+  return to<Tensor>(stack[0]);
+}
+
+// An out= op: the stack's result is `out` itself (a second handle to it), dropped here.
+template <typename... Args>
+void call_out(const char* op, const char* overload, const Args&... args) {
+  auto stack = stack_of(args...);
+  call(op, overload, stack);
+  (void)to<Tensor>(stack[0]);
+}
+}  // namespace detail
+
+inline Tensor mm(const Tensor& a, const Tensor& b) { return detail::call_tensor("aten::mm", "", a, b); }
+// a @ b written in out_dtype (float32 from bf16/fp16 operands on CUDA: aten::mm.dtype).
+inline Tensor mm(const Tensor& a, const Tensor& b, ScalarType out_dtype) {
+  return detail::call_tensor("aten::mm", "dtype", a, b, out_dtype);
+}
+inline void mm_out(Tensor& out, const Tensor& a, const Tensor& b) { detail::call_out("aten::mm", "out", a, b, out); }
+inline Tensor bmm(const Tensor& a, const Tensor& b) { return detail::call_tensor("aten::bmm", "", a, b); }
+inline void bmm_out(Tensor& out, const Tensor& a, const Tensor& b) { detail::call_out("aten::bmm", "out", a, b, out); }
+inline Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
+  return detail::call_tensor("aten::linear", "", x, weight, bias);
+}
+inline Tensor t(const Tensor& a) { return transpose(a, 0, 1); }
+// Rows [start, start + length) of dim (a view).
+inline Tensor narrow(const Tensor& a, int64_t dim, int64_t start, int64_t length) {
+  return detail::call_tensor("aten::narrow", "", a, dim, start, length);
+}
+inline Tensor abs(const Tensor& a) { return detail::call_tensor("aten::abs", "", a); }
+inline Tensor mul(const Tensor& a, const Tensor& b) { return detail::call_tensor("aten::mul", "Tensor", a, b); }
+inline Tensor isfinite(const Tensor& a) { return detail::call_tensor("aten::isfinite", "", a); }
+inline Tensor all(const Tensor& a) { return detail::call_tensor("aten::all", "", a); }
+// A contiguous copy of a, whatever a's layout (clone's default keeps a's strides).
+inline Tensor clone_contiguous(const Tensor& a) {
+  return detail::call_tensor("aten::clone", "", a, std::optional<torch::headeronly::MemoryFormat>(
+                                                       torch::headeronly::MemoryFormat::Contiguous));
+}
+inline Tensor eye(int64_t n, ScalarType dtype, const torch::stable::Device& device) {
+  return detail::call_tensor("aten::eye", "", n, std::optional<ScalarType>(dtype),
+                             std::optional<torch::headeronly::Layout>(), std::optional<torch::stable::Device>(device),
+                             std::optional<bool>());
+}
+// (inverse, info) of every matrix of a batch.
+inline std::tuple<Tensor, Tensor> linalg_inv_ex(const Tensor& a) {
+  auto stack = detail::stack_of(a, false);
+  detail::call("aten::linalg_inv_ex", "", stack);
+  return {detail::to<Tensor>(stack[0]), detail::to<Tensor>(stack[1])};
+}
+// a + b, as a - (-1) * b.
+inline Tensor add(const Tensor& a, const Tensor& b) { return subtract(a, b, -1.0); }
+// dst += src (src broadcast to dst), in place: one temporary of dst's shape.
+inline void add_(Tensor& dst, const Tensor& src) { copy_(dst, subtract(dst, src, -1.0)); }
+
+// y += a @ b in place (aten::addmm_ with beta = alpha = 1).
+inline void addmm_(Tensor& y, const Tensor& a, const Tensor& b) {
+  const ProfilerRange range("aten::addmm_", {&y, &a, &b});
+#ifdef MISS_WITH_CUDA
+  if (y.is_cuda()) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(y.get(), y.get(), a.get(), b.get(), 1.0, 1.0));
+    return;
+  }
+#endif
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(y.get(), y.get(), a.get(), b.get(), 1.0, 1.0));
+}
+
+// out = self + b1 @ b2 per batch entry (aten::baddbmm).
+inline void baddbmm_out(Tensor& out, const Tensor& self, const Tensor& b1, const Tensor& b2) {
+  const ProfilerRange range("aten::baddbmm", {&self, &b1, &b2});
+#ifdef MISS_WITH_CUDA
+  if (out.is_cuda()) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_baddbmm_out(out.get(), self.get(), b1.get(), b2.get(), 1.0, 1.0));
+    return;
+  }
+#endif
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_baddbmm_out(out.get(), self.get(), b1.get(), b2.get(), 1.0, 1.0));
+}
+inline Tensor baddbmm(const Tensor& self, const Tensor& b1, const Tensor& b2) {
+  Tensor out = empty({b1.size(0), b1.size(1), b2.size(2)}, self.scalar_type(), std::nullopt, self.device());
+  baddbmm_out(out, self, b1, b2);
+  return out;
+}
+
+}  // namespace aten
+}  // namespace miss
