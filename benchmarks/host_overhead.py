@@ -75,7 +75,7 @@ def worker(calls: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--build", action="append", required=True, help="NAME=DIR; the first is the baseline")
+    parser.add_argument("--build", action="append", default=[], help="NAME=DIR (at least one); the first is the baseline")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--name", default="host_overhead_cpu")
@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.calls)
         return 0
+    if not args.build:
+        parser.error("give at least one --build NAME=DIR")
     builds = [b.split("=", 1) for b in args.build]
     workers = {}
     for name, path in builds:

@@ -16,28 +16,22 @@
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cuda.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "torch_api.h"
 
 namespace miss {
 namespace aten {
 
-using torch::stable::contiguous;
 using torch::stable::copy_;
-using torch::stable::empty;
-using torch::stable::empty_like;
 using torch::stable::full;
-using torch::stable::new_zeros;
-using torch::stable::reshape;
-using torch::stable::select;
 using torch::stable::subtract;
 using torch::stable::sum;
 using torch::stable::sum_out;
-using torch::stable::to;
-using torch::stable::transpose;
-using torch::stable::view;
 
 namespace detail {
 using torch::stable::detail::from;
@@ -69,6 +63,98 @@ void call_out(const char* op, const char* overload, const Args&... args) {
 }
 }  // namespace detail
 
+// --- Allocation, views and conversions ---------------------------------------------------
+// Each dispatcher call of the stable ABI looks the op up by name and boxes its arguments
+// (~1.5 us on the CPU of benchmarks/host_overhead.py), where libtorch's C++ API used a cached
+// handle. The op bodies make a few dozen such calls per layer step, so the ones that need no
+// kernel are made without the dispatcher: allocation through torch's C shim, views as
+// strided reinterpretations of the same storage, and conversions that would return their
+// input (same dtype, already contiguous) not made at all. None of these are GPU work.
+
+namespace detail {
+inline std::vector<int64_t> contiguous_strides(IntArrayRef sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  return strides;
+}
+// A view of t's storage with these sizes and strides, starting `offset` elements after t's
+// first element (the shim takes an increment of t's storage offset).
+inline Tensor strided_view(const Tensor& t, IntArrayRef sizes, IntArrayRef strides, int64_t offset = 0) {
+  AtenTensorHandle view = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch__reinterpret_tensor(t.get(), static_cast<int64_t>(sizes.size()), sizes.data(),
+                                                        strides.data(), offset, &view));
+  return Tensor(view);
+}
+inline int64_t wrap_dim(int64_t dim, int64_t ndim) { return dim < 0 ? dim + ndim : dim; }
+}  // namespace detail
+
+// An uninitialised contiguous tensor.
+inline Tensor empty(IntArrayRef sizes, ScalarType dtype, const torch::stable::Device& device) {
+  const std::vector<int64_t> strides = detail::contiguous_strides(sizes);
+  AtenTensorHandle out = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), detail::to<int32_t>(detail::from(dtype)),
+      detail::to<int32_t>(detail::from(device.type())), device.index() < 0 ? 0 : device.index(), &out));
+  return Tensor(out);
+}
+
+// A contiguous uninitialised tensor of t's shape, dtype and device.
+inline Tensor empty_contiguous_like(const Tensor& t) { return aten::empty(t.sizes(), t.scalar_type(), t.device()); }
+inline Tensor zeros(IntArrayRef sizes, ScalarType dtype, const torch::stable::Device& device) {
+  Tensor out = aten::empty(sizes, dtype, device);
+  torch::stable::fill_(out, 0.0);
+  return out;
+}
+
+inline Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+inline Tensor to(const Tensor& t, ScalarType dtype, bool copy = false) {
+  if (!copy && t.scalar_type() == dtype) return t;
+  return torch::stable::to(t, dtype, std::nullopt, std::nullopt, std::nullopt, /*non_blocking=*/false, copy);
+}
+inline Tensor to(const Tensor& t, const torch::stable::Device& device) { return torch::stable::to(t, device); }
+
+inline Tensor transpose(const Tensor& t, int64_t dim0, int64_t dim1) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end());
+  dim0 = detail::wrap_dim(dim0, t.dim());
+  dim1 = detail::wrap_dim(dim1, t.dim());
+  std::swap(sizes[dim0], sizes[dim1]);
+  std::swap(strides[dim0], strides[dim1]);
+  return detail::strided_view(t, sizes, strides);
+}
+inline Tensor t(const Tensor& a) { return aten::transpose(a, 0, 1); }
+// Rows [start, start + length) of dim (a view).
+inline Tensor narrow(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  dim = detail::wrap_dim(dim, t.dim());
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes[dim] = length;
+  return detail::strided_view(t, sizes, t.strides(), start * t.stride(dim));
+}
+// Entry `index` of dim (a view with that dim dropped).
+inline Tensor select(const Tensor& t, int64_t dim, int64_t index) {
+  dim = detail::wrap_dim(dim, t.dim());
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end());
+  const int64_t offset = index * strides[dim];
+  sizes.erase(sizes.begin() + dim);
+  strides.erase(strides.begin() + dim);
+  return detail::strided_view(t, sizes, strides, offset);
+}
+// t with another shape: a view of a contiguous t (aten::view otherwise, which checks that the
+// strides allow it).
+inline Tensor view(const Tensor& t, IntArrayRef sizes) {
+  if (!t.is_contiguous()) return torch::stable::view(t, sizes);
+  return detail::strided_view(t, sizes, detail::contiguous_strides(sizes));
+}
+// A view when t is contiguous, else aten::reshape (which may copy).
+inline Tensor reshape(const Tensor& t, IntArrayRef sizes) {
+  return t.is_contiguous() ? aten::view(t, sizes) : torch::stable::reshape(t, sizes);
+}
+
+// --- Computation ------------------------------------------------------------------------
+
 inline Tensor mm(const Tensor& a, const Tensor& b) { return detail::call_tensor("aten::mm", "", a, b); }
 // a @ b written in out_dtype (float32 from bf16/fp16 operands on CUDA: aten::mm.dtype).
 inline Tensor mm(const Tensor& a, const Tensor& b, ScalarType out_dtype) {
@@ -79,11 +165,6 @@ inline Tensor bmm(const Tensor& a, const Tensor& b) { return detail::call_tensor
 inline void bmm_out(Tensor& out, const Tensor& a, const Tensor& b) { detail::call_out("aten::bmm", "out", a, b, out); }
 inline Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   return detail::call_tensor("aten::linear", "", x, weight, bias);
-}
-inline Tensor t(const Tensor& a) { return transpose(a, 0, 1); }
-// Rows [start, start + length) of dim (a view).
-inline Tensor narrow(const Tensor& a, int64_t dim, int64_t start, int64_t length) {
-  return detail::call_tensor("aten::narrow", "", a, dim, start, length);
 }
 inline Tensor abs(const Tensor& a) { return detail::call_tensor("aten::abs", "", a); }
 inline Tensor mul(const Tensor& a, const Tensor& b) { return detail::call_tensor("aten::mul", "Tensor", a, b); }
@@ -106,9 +187,9 @@ inline std::tuple<Tensor, Tensor> linalg_inv_ex(const Tensor& a) {
   return {detail::to<Tensor>(stack[0]), detail::to<Tensor>(stack[1])};
 }
 // a + b, as a - (-1) * b.
-inline Tensor add(const Tensor& a, const Tensor& b) { return subtract(a, b, -1.0); }
+inline Tensor add(const Tensor& a, const Tensor& b) { return aten::subtract(a, b, -1.0); }
 // dst += src (src broadcast to dst), in place: one temporary of dst's shape.
-inline void add_(Tensor& dst, const Tensor& src) { copy_(dst, subtract(dst, src, -1.0)); }
+inline void add_(Tensor& dst, const Tensor& src) { aten::copy_(dst, aten::subtract(dst, src, -1.0)); }
 
 // y += a @ b in place (aten::addmm_ with beta = alpha = 1).
 inline void addmm_(Tensor& y, const Tensor& a, const Tensor& b) {
@@ -134,7 +215,7 @@ inline void baddbmm_out(Tensor& out, const Tensor& self, const Tensor& b1, const
   TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_baddbmm_out(out.get(), self.get(), b1.get(), b2.get(), 1.0, 1.0));
 }
 inline Tensor baddbmm(const Tensor& self, const Tensor& b1, const Tensor& b2) {
-  Tensor out = empty({b1.size(0), b1.size(1), b2.size(2)}, self.scalar_type(), std::nullopt, self.device());
+  Tensor out = aten::empty({b1.size(0), b1.size(1), b2.size(2)}, self.scalar_type(), self.device());
   baddbmm_out(out, self, b1, b2);
   return out;
 }

@@ -17,7 +17,7 @@ namespace {
 // [out, in] -> [out / r, in, r] in dtype: a view of w when it already has that dtype and
 // layout, unless `copy` asks for a tensor of its own.
 Tensor row_blocks(const Tensor& w, int64_t r, ScalarType dtype, bool copy = false) {
-  const Tensor converted = aten::to(w, dtype, std::nullopt, std::nullopt, std::nullopt, /*non_blocking=*/false, copy);
+  const Tensor converted = aten::to(w, dtype, copy);
   return aten::view(aten::contiguous(converted), {w.size(0) / r, w.size(1), r});
 }
 

@@ -25,7 +25,7 @@ Tensor block_in_acc(const Tensor& block, const Tensor& data) {
 
 Tensor transformed_weight(const Tensor& weight, const Tensor& block) {
   const Tensor w = aten::contiguous(weight);
-  Tensor result = aten::empty_like(w);
+  Tensor result = aten::empty_contiguous_like(w);
   bat_batched::transform(w, block_in_acc(block, w), result);
   return result;
 }
@@ -33,14 +33,14 @@ Tensor transformed_weight(const Tensor& weight, const Tensor& block) {
 // In the accumulation dtype of weight (float32, or float64 for float64).
 Tensor block_grad_of(const Tensor& grad_weight, const Tensor& weight, int64_t r) {
   const ScalarType acc = accumulate_dtype(weight.scalar_type());
-  Tensor grad_block = aten::empty({weight.size(0) / r, r, r}, acc, std::nullopt, weight.device());
+  Tensor grad_block = aten::empty({weight.size(0) / r, r, r}, acc, weight.device());
   bat_batched::block_grad(aten::contiguous(aten::to(grad_weight, acc)), aten::contiguous(weight), grad_block);
   return grad_block;
 }
 
 Tensor weight_grad_of(const Tensor& grad_weight, const Tensor& block) {
   const Tensor g = aten::contiguous(grad_weight);
-  Tensor result = aten::empty_like(g);
+  Tensor result = aten::empty_contiguous_like(g);
   bat_batched::weight_grad(g, block_in_acc(block, g), result);
   return result;
 }
@@ -134,11 +134,11 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
   const int64_t rows = num_rows(x), in = weight.size(1), out = weight.size(0);
   const Tensor dy = aten::reshape(grad_out, {rows, out});
 
-  Tensor grad_x = aten::empty({0}, x.scalar_type(), std::nullopt, x.device());
+  Tensor grad_x = aten::empty({0}, x.scalar_type(), x.device());
   if (need_x) grad_x = aten::view(aten::mm(dy, transformed_weight(weight, block)), x.sizes());
 
-  Tensor grad_weight = aten::empty({0}, weight.scalar_type(), std::nullopt, weight.device());
-  Tensor grad_block = aten::empty({0}, block.scalar_type(), std::nullopt, block.device());
+  Tensor grad_weight = aten::empty({0}, weight.scalar_type(), weight.device());
+  Tensor grad_block = aten::empty({0}, block.scalar_type(), block.device());
   if (need_weight || need_block) {
     // G in float32 (float64 for float64): dB sums r * in / r products of G with W, and G
     // rounded to bf16 would carry a 2^-9 relative error into every one of them. The operands
@@ -150,8 +150,8 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
     // Once for every slab: W contiguous, and the block in the accumulation dtype.
     const Tensor w = aten::contiguous(weight);
     const Tensor block_acc = need_weight ? block_in_acc(block, x) : Tensor();
-    if (need_block) grad_block = aten::empty({out / r, r, r}, acc, std::nullopt, block.device());
-    if (need_weight) grad_weight = aten::empty_like(w);
+    if (need_block) grad_block = aten::empty({out / r, r, r}, acc, block.device());
+    if (need_weight) grad_weight = aten::empty_contiguous_like(w);
     for (int64_t first = 0; first < out; first += step) {
       const int64_t count = std::min(step, out - first);
       const Tensor g = mm_accumulate(aten::narrow(dy_t, 0, first, count), x2d, acc);

@@ -42,7 +42,7 @@ inline void addmm_accumulate_(Tensor& y, const Tensor& a, const Tensor& b) {
     return;
   }
   const ProfilerRange range("miss::cuda_stand_in::addmm_", {&y, &a, &b});
-  Tensor y32 = aten::to(y, kFloat, std::nullopt, std::nullopt, std::nullopt, false, /*copy=*/true);
+  Tensor y32 = aten::to(y, kFloat, /*copy=*/true);
   aten::addmm_(y32, aten::to(a, kFloat), aten::to(b, kFloat));
   aten::copy_(y, y32);
 }
@@ -62,7 +62,7 @@ inline Tensor bf16_pieces_of(const Tensor& t, std::initializer_list<int> pieces,
   for (int piece : pieces) pattern.piece[slot++] = piece;
   const int64_t rows = t.size(0), cols = t.size(1), slots = pattern.slots;
   const std::vector<int64_t> shape = dim == 0 ? std::vector<int64_t>{slots * rows, cols} : std::vector<int64_t>{rows, slots * cols};
-  Tensor out = aten::empty(shape, kBFloat16, std::nullopt, t.device());
+  Tensor out = aten::empty(shape, kBFloat16, t.device());
   const Tensor src = aten::contiguous(t);
 #if defined(MISS_WITH_EMULATOR)
   if (emulating_cuda()) {

@@ -75,7 +75,7 @@ void merge_(Tensor& weight, const Tensor& block, bool check_finite) {
     bat_batched::transform(weight, block_acc, weight);
     return;
   }
-  Tensor merged = aten::empty_like(weight);
+  Tensor merged = aten::empty_contiguous_like(weight);
   bat_batched::transform(weight, block_acc, merged);
   MISS_CHECK(item<bool>(aten::all(aten::isfinite(merged))),
               "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");

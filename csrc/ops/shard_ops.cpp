@@ -29,7 +29,7 @@ Tensor as_accumulate(const Tensor& t, const Tensor& data) {
 }
 
 Tensor fold_of(const Tensor& x, int64_t r, const DropoutParams& dropout) {
-  Tensor fold = aten::empty({num_rows(x), r}, accumulate_dtype(x.scalar_type()), std::nullopt, x.device());
+  Tensor fold = aten::empty({num_rows(x), r}, accumulate_dtype(x.scalar_type()), x.device());
   MISS_ROUTE(x, shard_fold, x, dropout, fold);
   return fold;
 }
@@ -80,7 +80,7 @@ bool use_weight_path(const Tensor& weight, int64_t rows, int64_t r, double p) {
 // W + dW (the merged weight), in W's dtype; W is not changed.
 Tensor merged_weight(const Tensor& weight, const Tensor& block) {
   const Tensor w = aten::contiguous(weight);
-  Tensor result = aten::empty_like(w);
+  Tensor result = aten::empty_contiguous_like(w);
   MISS_ROUTE(w, shard_merge, w, as_accumulate(block, w), 1.0f, result);
   return result;
 }
@@ -89,7 +89,7 @@ Tensor merged_weight(const Tensor& weight, const Tensor& block) {
 // memory can hold is reported as that argument, not as a bare allocator failure.
 Tensor empty_grad_x(const char* op, int64_t rows, int64_t in_features, const Tensor& like) {
   try {
-    return aten::empty({rows, in_features}, like.scalar_type(), std::nullopt, like.device());
+    return aten::empty({rows, in_features}, like.scalar_type(), like.device());
   } catch (const std::exception& error) {
     // torch < 2.13 gives the stable ABI no text for an error inside libtorch (it logs it);
     // what comes back names the failed call.
@@ -230,11 +230,11 @@ std::tuple<Tensor, Tensor> shard_linear_backward(
 
   // g = h @ B^T (for the tile into grad_x) and dB = fold^T @ h, with h = dy folded along out
   // to [N, m] (mini) or dy itself (standard), always in the accumulation dtype.
-  Tensor g = need_g ? aten::empty({rows, r}, acc, std::nullopt, fold.device()) : Tensor();
+  Tensor g = need_g ? aten::empty({rows, r}, acc, fold.device()) : Tensor();
   const bool on_pieces = m == out && thin_gemms_on_pieces(dy);
   Tensor grad_block_acc;  // accumulated into by the float32 paths, written by the pieces one
   if (need_block) {
-    grad_block_acc = on_pieces ? aten::empty({r, m}, acc, std::nullopt, fold.device()) : aten::new_zeros(fold_acc, {r, m});
+    grad_block_acc = on_pieces ? aten::empty({r, m}, acc, fold.device()) : aten::zeros({r, m}, acc, fold.device());
   }
   if (on_pieces) {
     // Tensor cores, dy read as it is (gemm.h): g from two pieces of B (g goes into a bf16 dx),
@@ -252,7 +252,7 @@ std::tuple<Tensor, Tensor> shard_linear_backward(
   } else if (m < out || dy.scalar_type() == acc) {
     Tensor h = dy;
     if (m < out) {
-      h = aten::empty({rows, m}, acc, std::nullopt, fold.device());
+      h = aten::empty({rows, m}, acc, fold.device());
       MISS_ROUTE(dy, shard_fold, dy, DropoutParams{}, h);
     }
     if (need_g) aten::mm_out(g, h, block_acc_t);
@@ -270,7 +270,7 @@ std::tuple<Tensor, Tensor> shard_linear_backward(
     }
   }
 
-  Tensor grad_x = aten::empty({0}, grad_out.scalar_type(), std::nullopt, grad_out.device());
+  Tensor grad_x = aten::empty({0}, grad_out.scalar_type(), grad_out.device());
   if (need_x) {
     Tensor dx2d;
     if (weight_path) {
@@ -286,7 +286,7 @@ std::tuple<Tensor, Tensor> shard_linear_backward(
     grad_x = aten::view(dx2d, shape);
   }
   Tensor grad_block = need_block ? aten::to(grad_block_acc, block.scalar_type())
-                                 : aten::empty({0}, block.scalar_type(), std::nullopt, block.device());
+                                 : aten::empty({0}, block.scalar_type(), block.device());
   return {grad_x, grad_block};
 }
 
