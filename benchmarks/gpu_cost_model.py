@@ -69,7 +69,7 @@ ASSUMPTIONS = {
 BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "long int": 8, "int": 4, "bool": 1,
          "unsigned char": 1, "signed char": 1, "short int": 2, "": 0}
 GEMMS = {"aten::mm": "mm", "aten::addmm": "addmm", "aten::addmm_": "addmm", "aten::bmm": "bmm",
-         "aten::baddbmm": "baddbmm", "aten::baddbmm_": "baddbmm", "mm.dtype": "mm", "addmm_": "addmm"}
+         "aten::baddbmm": "baddbmm", "aten::baddbmm_": "baddbmm", "mm.dtype": "mm", "addmm_": "addmm", "mm": "mm"}
 
 
 def _numel(shape) -> int:
@@ -88,10 +88,11 @@ def gemm_cost(call: gpu_trace.Call):
     """(FLOPs, bytes, operand dtype) of a GEMM call from its input shapes."""
     kind = GEMMS[call.name]
     shapes, dtypes = call.shapes, call.dtypes
-    if kind in ("addmm", "baddbmm"):  # (c, a, b): c is read, the result has c's shape
+    if kind in ("addmm", "baddbmm"):  # (c, a, b): c is read (a bias broadcast, or the full output)
         c, a, b = shapes[:3]
         c_bytes = _numel(c) * BYTES[dtypes[0]]
-        a_dtype, b_dtype, out_bytes = dtypes[1], dtypes[2], _numel(c) * BYTES[dtypes[0]]
+        out_elements = _numel(a[:-1]) * b[-1]
+        a_dtype, b_dtype, out_bytes = dtypes[1], dtypes[2], out_elements * BYTES[dtypes[0]]
     else:
         a, b = shapes[:2]
         c_bytes = 0

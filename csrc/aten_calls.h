@@ -162,7 +162,6 @@ inline Tensor mm(const Tensor& a, const Tensor& b, ScalarType out_dtype) {
 }
 inline void mm_out(Tensor& out, const Tensor& a, const Tensor& b) { detail::call_out("aten::mm", "out", a, b, out); }
 inline Tensor bmm(const Tensor& a, const Tensor& b) { return detail::call_tensor("aten::bmm", "", a, b); }
-inline void bmm_out(Tensor& out, const Tensor& a, const Tensor& b) { detail::call_out("aten::bmm", "out", a, b, out); }
 inline Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   return detail::call_tensor("aten::linear", "", x, weight, bias);
 }
@@ -201,6 +200,19 @@ inline void addmm_(Tensor& y, const Tensor& a, const Tensor& b) {
   }
 #endif
   TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(y.get(), y.get(), a.get(), b.get(), 1.0, 1.0));
+}
+
+// out = self + a @ b, self broadcast to out (aten::addmm with beta = alpha = 1; a 1-D self
+// is a bias: cuBLASLt adds it in the GEMM's epilogue).
+inline void addmm_out(Tensor& out, const Tensor& self, const Tensor& a, const Tensor& b) {
+  const ProfilerRange range("aten::addmm", {&self, &a, &b});
+#ifdef MISS_WITH_CUDA
+  if (out.is_cuda()) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
+    return;
+  }
+#endif
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
 }
 
 // out = self + b1 @ b2 per batch entry (aten::baddbmm).

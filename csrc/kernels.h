@@ -40,7 +40,9 @@ struct PiecePattern {
 #define MISS_DECLARE_CUDA_ONLY_KERNELS                                                          \
   /* out = bf16 pieces of a float32 [rows, cols] t side by side: [slots * rows, cols] when */   \
   /* along_rows, else [rows, slots * cols]; slot s holds piece pattern.piece[s] */              \
-  void bf16_pieces(const Tensor& t, const PiecePattern& pattern, bool along_rows, Tensor& out);
+  void bf16_pieces(const Tensor& t, const PiecePattern& pattern, bool along_rows, Tensor& out); \
+  /* y[n, o] = v[n, o % m] (+ bias[o]), y only written; y [N, out] contiguous; v [N, m] acc */  \
+  void write_out_tiled(Tensor& y, const Tensor& v, const OptTensor& bias);
 
 namespace miss {
 namespace cpu {
@@ -72,6 +74,27 @@ inline bool on_cuda_path(const Tensor& t) { return t.is_cuda() || emulating_cuda
 
 #undef MISS_DECLARE_KERNELS
 #undef MISS_DECLARE_CUDA_ONLY_KERNELS
+
+// Calls the CUDA-only kernel NAME (MISS_DECLARE_CUDA_ONLY_KERNELS) of the device the op runs
+// on: the emulated one while emulating, else the GPU's. A statement.
+#if defined(MISS_WITH_EMULATOR)
+#define MISS_CALL_EMULATED_ONLY(NAME, ...) ::miss::emulated_cuda::NAME(__VA_ARGS__)
+#else
+#define MISS_CALL_EMULATED_ONLY(NAME, ...) MISS_INTERNAL_ASSERT(false)
+#endif
+#if defined(MISS_WITH_CUDA)
+#define MISS_CALL_GPU_ONLY(NAME, ...) ::miss::cuda::NAME(__VA_ARGS__)
+#else
+#define MISS_CALL_GPU_ONLY(NAME, ...) MISS_CHECK(false, "miss: " #NAME " runs on the CUDA path only")
+#endif
+#define MISS_CALL_CUDA_ONLY(NAME, ...)          \
+  do {                                          \
+    if (::miss::emulating_cuda()) {             \
+      MISS_CALL_EMULATED_ONLY(NAME, __VA_ARGS__); \
+    } else {                                    \
+      MISS_CALL_GPU_ONLY(NAME, __VA_ARGS__);      \
+    }                                           \
+  } while (0)
 
 // Calls the kernel NAME of the device that `TENSOR`'s op runs on: miss::cuda, the emulated
 // CUDA device, or miss::cpu.

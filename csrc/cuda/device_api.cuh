@@ -61,6 +61,8 @@ MISS_DEVICE void store_pack(T* p, const Pack<T, kVec>& pack) {
   *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
 }
 MISS_DEVICE void atomic_store(int* p, int value) { atomicExch(p, value); }
+template <typename T>
+MISS_DEVICE bool is_null(const T* p) { return p == nullptr; }
 MISS_DEVICE void note_philox_call() {}
 MISS_DEVICE bool is_finite(double v) { return isfinite(v); }
 
@@ -169,6 +171,8 @@ inline void atomic_store(gptr<int> p, int value) {
 }
 inline bool is_finite(double v) { return std::isfinite(v); }
 inline void note_philox_call() { emu::note_philox_call(); }
+template <typename T>
+bool is_null(gptr<T> p) { return p.raw() == nullptr; }
 
 inline int sm_count() { return emu::config().sm_count; }
 

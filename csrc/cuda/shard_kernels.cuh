@@ -125,6 +125,36 @@ void launch_update_rows(const Tensor& src_tensor, Tensor& dst_tensor, int64_t to
   MISS_LAUNCH(update_rows_kernel<kVec>, device::blocks_for(ceil_div(total, kVec)), kThreads, src, dst, total, update);
 }
 
+// The same updates when the old values are not needed (they start as zeros): the array is
+// only written, so an uninitialised output is never read and the pass costs one write.
+template <int kVec, typename scalar_t, typename Update>
+MISS_GLOBAL void write_rows_kernel(gptr<scalar_t> dst, int64_t total, Update update) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x * kVec;
+  for (int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; first < total;
+       first += step) {
+    if (first + kVec <= total) {
+      device::Pack<scalar_t, kVec> pack;
+      for (int k = 0; k < kVec; ++k) pack.v[k] = scalar_t(0);
+      update.run(first, pack.v, kVec);
+      device::store_pack<kVec>(dst + first, pack);
+    } else {
+      for (int64_t index = first; index < total; ++index) {
+        scalar_t value = scalar_t(0);
+        update.run(index, &value, 1);
+        dst[index] = value;
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename Update>
+void launch_write_rows(Tensor& dst_tensor, int64_t total, const Update& update) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  MISS_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(dst_tensor.const_data_ptr()) % 16 == 0);
+  const auto dst = device::output<scalar_t>(dst_tensor, "dst");
+  MISS_LAUNCH(write_rows_kernel<kVec>, device::blocks_for(ceil_div(total, kVec)), kThreads, dst, total, update);
+}
+
 // grad_x[n, i] (+)= drop(n, i) * g[n, i % r]. With dropout, one Philox call per run of
 // consecutive columns in one 8-column group (philox_dropout.h): once per thread and 16-byte
 // pack for bf16/fp16 (8 elements), twice for float32.
@@ -158,15 +188,18 @@ struct TileUpdate {
   }
 };
 
-// y[n, o] += v[n, o % m]
+// y[n, o] += v[n, o % m] (+ bias[o] when given)
 template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 struct OutTiledAdd {
   gptr<const acc_t> v;
   int64_t out, m;
+  gptr<const scalar_t> bias;  // null: none
   MISS_DEVICE void run(int64_t first, scalar_t* values, int count) const {
     for (int k = 0; k < count; ++k) {
       const int64_t n = (first + k) / out, o = (first + k) % out;
-      values[k] = static_cast<scalar_t>(static_cast<acc_t>(values[k]) + v[n * m + o % m]);
+      acc_t value = static_cast<acc_t>(values[k]) + v[n * m + o % m];
+      if (!device::is_null(bias)) value += static_cast<acc_t>(bias[o]);
+      values[k] = static_cast<scalar_t>(value);
     }
   }
 };
@@ -288,7 +321,11 @@ void shard_tile(Tensor& grad_x, const Tensor& g, const DropoutParams& dropout, b
   MISS_DEVICE_GUARD(grad_x);
   MISS_DISPATCH_FLOAT(grad_x.scalar_type(), "miss_shard_tile_cuda", [&] {
     const TileUpdate<scalar_t> update{device::input<opmath_t<scalar_t>>(g, "g"), in, r, dropout, accumulate};
-    launch_update_rows<scalar_t>(grad_x, grad_x, rows * in, update);
+    if (accumulate) {
+      launch_update_rows<scalar_t>(grad_x, grad_x, rows * in, update);
+    } else {
+      launch_write_rows<scalar_t>(grad_x, rows * in, update);
+    }
   });
 }
 
@@ -297,8 +334,19 @@ void add_out_tiled(Tensor& y, const Tensor& v) {
   if (y.numel() == 0) return;
   MISS_DEVICE_GUARD(y);
   MISS_DISPATCH_FLOAT(y.scalar_type(), "miss_add_out_tiled_cuda", [&] {
-    const OutTiledAdd<scalar_t> update{device::input<opmath_t<scalar_t>>(v, "v"), out, m};
+    const OutTiledAdd<scalar_t> update{device::input<opmath_t<scalar_t>>(v, "v"), out, m, nullptr};
     launch_update_rows<scalar_t>(y, y, rows * out, update);
+  });
+}
+
+void write_out_tiled(Tensor& y, const Tensor& v, const OptTensor& bias) {
+  const int64_t rows = y.size(0), out = y.size(1), m = v.size(1);
+  if (y.numel() == 0) return;
+  MISS_DEVICE_GUARD(y);
+  MISS_DISPATCH_FLOAT(y.scalar_type(), "miss_write_out_tiled_cuda", [&] {
+    const gptr<const scalar_t> bias_ptr = defined(bias) ? device::input<scalar_t>(*bias, "bias") : gptr<const scalar_t>(nullptr);
+    const OutTiledAdd<scalar_t> update{device::input<opmath_t<scalar_t>>(v, "v"), out, m, bias_ptr};
+    launch_write_rows<scalar_t>(y, rows * out, update);
   });
 }
 

@@ -51,9 +51,10 @@ void block_grad(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_bl
   const int64_t r = grad_block.size(-1), k = grad_block.size(0);
   const Tensor w3 = row_blocks(weight, r, grad_block.scalar_type());
   const Tensor g3 = row_blocks(grad_weight, r, grad_block.scalar_type());
-  // sum_j W_kj^T G_kj is one [r, in] x [in, r] product per block; sum_j G_kj a reduction.
-  aten::bmm_out(grad_block, aten::transpose(w3, 1, 2), g3);
-  aten::add_(grad_block, aten::sum(aten::view(g3, {k, r, g3.size(1) / r, r}), std::vector<int64_t>{2}));
+  // sum_j W_kj^T G_kj is one [r, in] x [in, r] product per block, and sum_j G_kj (a
+  // reduction) the C of that batched GEMM: one baddbmm, no separate add.
+  const Tensor tile_sums = aten::sum(aten::view(g3, {k, r, g3.size(1) / r, r}), std::vector<int64_t>{2});
+  aten::baddbmm_out(grad_block, tile_sums, aten::transpose(w3, 1, 2), g3);
 }
 
 void weight_grad(const Tensor& grad_weight, const Tensor& block_acc, Tensor& out) {

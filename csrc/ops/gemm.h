@@ -47,6 +47,23 @@ inline void addmm_accumulate_(Tensor& y, const Tensor& a, const Tensor& b) {
   aten::copy_(y, y32);
 }
 
+// out = (bias +) a @ b, out of a's 16-bit dtype: one cuBLAS GEMM that accumulates in float32
+// and rounds once on store (bias added in its epilogue).
+inline void mm_into_low_precision(Tensor& out, const OptTensor& bias, const Tensor& a, const Tensor& b) {
+  if (out.is_cuda()) {
+    if (defined(bias)) {
+      aten::addmm_out(out, *bias, a, b);
+    } else {
+      aten::mm_out(out, a, b);
+    }
+    return;
+  }
+  const ProfilerRange range("miss::cuda_stand_in::mm", {&a, &b});
+  Tensor result = aten::mm(aten::to(a, kFloat), aten::to(b, kFloat));
+  if (defined(bias)) aten::add_(result, aten::to(*bias, kFloat));
+  aten::copy_(out, result);
+}
+
 // Whether the thin GEMMs of a shard op over `data` ([N, *] activations or gradients) run on
 // bf16 pieces (see the top of this file). Not for float16: its exponent range would flush
 // the small pieces of a float32 value to zero and overflow on large folds.
@@ -64,18 +81,8 @@ inline Tensor bf16_pieces_of(const Tensor& t, std::initializer_list<int> pieces,
   const std::vector<int64_t> shape = dim == 0 ? std::vector<int64_t>{slots * rows, cols} : std::vector<int64_t>{rows, slots * cols};
   Tensor out = aten::empty(shape, kBFloat16, t.device());
   const Tensor src = aten::contiguous(t);
-#if defined(MISS_WITH_EMULATOR)
-  if (emulating_cuda()) {
-    emulated_cuda::bf16_pieces(src, pattern, dim == 0, out);
-    return out;
-  }
-#endif
-#if defined(MISS_WITH_CUDA)
-  MISS_CHECK(src.is_cuda(), "miss: bf16_pieces_of runs on the CUDA path only");
-  cuda::bf16_pieces(src, pattern, dim == 0, out);
-#else
-  MISS_CHECK(false, "miss: bf16_pieces_of runs on the CUDA path only");
-#endif
+  MISS_CHECK(on_cuda_path(src), "miss: bf16_pieces_of runs on the CUDA path only");
+  MISS_CALL_CUDA_ONLY(bf16_pieces, src, pattern, dim == 0, out);
   return out;
 }
 

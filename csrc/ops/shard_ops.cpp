@@ -58,6 +58,30 @@ void add_shard_delta_(Tensor& y2d, const Tensor& fold, const Tensor& block_acc) 
   }
 }
 
+// Whether the base GEMM of a layer op over 16-bit `data` on CUDA accumulates into the
+// MiSS term instead of the other way round: the delta (y) or the tile of g (dx) is written
+// first, one write-only pass, and then cuBLAS adds x W^T (dy W) to it with beta = 1, reading
+// it under the GEMM's compute, instead of a read-and-write pass over y (dx) after the GEMM.
+// Both orders round twice (the MiSS term to the data's dtype, the sum once more). The CPU
+// keeps the other order: its GEMMs read C at the price of memory, not for free.
+bool base_gemm_accumulates(const Tensor& data) {
+  const ScalarType t = data.scalar_type();
+  return on_cuda_path(data) && (t == kBFloat16 || t == kHalf);
+}
+
+// y2d = bias + (fold @ block)[n, o % m], written (y2d's old values unused): tensor cores on
+// bf16 pieces for standard, else the thin GEMM in float32 and a write-only tiling kernel.
+void write_shard_delta(Tensor& y2d, const Tensor& fold, const Tensor& block_acc, const OptTensor& bias) {
+  const int64_t m = block_acc.size(1);
+  if (y2d.size(0) == 0) return;
+  if (m == y2d.size(1) && thin_gemms_on_pieces(y2d)) {
+    mm_into_low_precision(y2d, bias, bf16_pieces_of(fold, {0, 0, 1}, 1), bf16_pieces_of(block_acc, {0, 1, 0}, 0));
+    return;
+  }
+  const Tensor v = aten::mm(fold, block_acc);
+  MISS_CALL_CUDA_ONLY(write_out_tiled, y2d, v, bias);
+}
+
 // The [..., in] data an op folds or tiles, named `name`, and its dropout arguments.
 // The "weight path" of DESIGN.md: W' = W + dW costs one pass over W, after which the forward
 // and the dx GEMM are exactly the base GEMMs; it replaces the thin GEMMs f @ B and dy @ B^T and
@@ -157,6 +181,15 @@ std::tuple<Tensor, Tensor> shard_linear(const Tensor& x, const Tensor& weight,
   const Tensor fold = fold_of(x, block.size(0), make_dropout_params(p, seed, x));
   if (use_weight_path(weight, num_rows(x), block.size(0), p)) {
     return {aten::linear(x, merged_weight(weight, block), bias), fold};
+  }
+  if (base_gemm_accumulates(x)) {
+    const int64_t rows = num_rows(x);
+    Tensor y2d = aten::empty({rows, out}, x.scalar_type(), x.device());
+    write_shard_delta(y2d, fold, as_accumulate(block, x), bias);
+    addmm_accumulate_(y2d, aten::reshape(x, {rows, in}), aten::t(weight));
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out;
+    return {aten::view(y2d, shape), fold};
   }
   // This op owns y, so the delta is accumulated into it in place: no second [N, out] pass.
   Tensor y = aten::contiguous(aten::linear(x, weight, bias));
@@ -278,8 +311,15 @@ std::tuple<Tensor, Tensor> shard_linear_backward(
       if (has_grad_fold) MISS_ROUTE(grad_out, shard_tile, dx2d, as_accumulate(*grad_fold, grad_out), DropoutParams{}, true);
     } else {
       if (has_grad_fold) aten::add_(g, aten::to(*grad_fold, acc));
-      dx2d = has_weight ? aten::mm(dy, *weight) : empty_grad_x(op, rows, in_features, grad_out);
-      MISS_ROUTE(grad_out, shard_tile, dx2d, g, make_dropout_params(p, seed, grad_out), has_weight);
+      const DropoutParams dropout = make_dropout_params(p, seed, grad_out);
+      if (has_weight && base_gemm_accumulates(grad_out)) {  // the tile written, then dy W added
+        dx2d = aten::empty({rows, in_features}, grad_out.scalar_type(), grad_out.device());
+        MISS_ROUTE(grad_out, shard_tile, dx2d, g, dropout, false);
+        addmm_accumulate_(dx2d, dy, *weight);
+      } else {
+        dx2d = has_weight ? aten::mm(dy, *weight) : empty_grad_x(op, rows, in_features, grad_out);
+        MISS_ROUTE(grad_out, shard_tile, dx2d, g, dropout, has_weight);
+      }
     }
     std::vector<int64_t> shape(grad_out.sizes().begin(), grad_out.sizes().end());
     shape.back() = in_features;
