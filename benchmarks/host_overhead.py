@@ -73,6 +73,15 @@ def worker(calls: int) -> None:
         print(json.dumps(result), flush=True)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical CPUs)"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="append", default=[], help="NAME=DIR (at least one); the first is the baseline")
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
             us = statistics.median(r[case] for r in rounds[name])
             ratio = statistics.median(r[case] / b[case] for r, b in zip(rounds[name], rounds[base]))
             table[name][case] = {"us_per_call": round(us, 1), "ratio_to_" + base: round(ratio, 3)}
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": _cpu_name(),
             "torch": torch.__version__, "threads": 1, "rounds": args.rounds, "calls_per_round": args.calls,
             "command": "benchmarks/host_overhead.py " + " ".join(f"--build {b}" for b in args.build),
             "shapes": "x [4, 64], W [64, 64], r 8 (standard) / bat block [8, 8, 8]; CPU, float32, one thread"}
