@@ -55,12 +55,16 @@ HOST_US_PER_PYTHON_CALL = 8.0  # Python op call or autograd node (assumed)
 PHILOX_INT_OPS = 130  # integer instructions per Philox4x32-10 call: 10 rounds of 2 wide multiplies,
 #                      xors and key updates (assumed; counted from the algorithm, not measured)
 INT_EFFICIENCY = 0.7  # fraction of INT32 peak a Philox-bound kernel sustains (assumed)
+# Fraction of the float32 (SIMT) peak our compute-bound kernels sustain (bat_transform_kernel:
+# two multiply-adds per pair of shared-memory loads caps it at 0.5 of the peak; assumed 0.4).
+SIMT_KERNEL_EFFICIENCY = 0.4
 
 ASSUMPTIONS = {
     "gemm_efficiency": GEMM_EFFICIENCY, "memory_efficiency": MEMORY_EFFICIENCY,
     "kernel_floor_us": KERNEL_FLOOR_US, "launch_gap_us": LAUNCH_GAP_US,
     "host_us_per_aten_call": HOST_US_PER_ATEN_CALL, "host_us_per_python_call": HOST_US_PER_PYTHON_CALL,
     "philox_int_ops": PHILOX_INT_OPS, "int_efficiency": INT_EFFICIENCY,
+    "simt_kernel_efficiency": SIMT_KERNEL_EFFICIENCY,
     "torch_dropout": "torch's CUDA dropout draws 4 uniforms per Philox call (one call per 4 elements)",
     "peak_sources": "NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM, dense)",
     "fp32_matmul": "float32 GEMMs on SIMT cores (torch.backends.cuda.matmul.allow_tf32 defaults to False)",
@@ -131,7 +135,9 @@ def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
         if call.buffers:  # our kernel
             bytes_ = sum(b * (2 if role == "inout" else 1) for _, role, b in call.buffers)
             philox_us = call.philox_calls * PHILOX_INT_OPS / int_rate * 1e6
-            us, flops, kind = max(bytes_ / bandwidth * 1e6, philox_us), 0, "kernel"
+            flops = 2 * call.fmas
+            fma_us = flops / (gpu["fp32_tflops"] * 1e12 * SIMT_KERNEL_EFFICIENCY) * 1e6
+            us, kind = max(bytes_ / bandwidth * 1e6, philox_us, fma_us), "kernel"
         elif call.name in GEMMS:
             flops, bytes_, dtype = gemm_cost(call)
             compute = flops / (_peak_tflops(gpu, dtype) * 1e12 * GEMM_EFFICIENCY)

@@ -14,7 +14,8 @@ mini_r alike). Every decision of the CUDA path is size-independent at fixed rati
 CPU-sized chunks on CUDA; bat's G slabs are a fixed fraction of x), so the same calls are
 issued at the target shape, with each dimension that came from N, in, out, r or mini_r
 multiplied by `scale` (dimensions such as out / r do not change), and every allocation,
-being a product of two such dimensions, multiplied by scale^2.
+being a product of two such dimensions, multiplied by scale^2; the multiply-adds a kernel
+declares (bat's tile products, out * in * r) by scale^3.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Call:
     buffers: List[Tuple[str, str, int]] = dataclasses.field(default_factory=list)  # kernels: (name, role, bytes)
     phase: str = ""  # "forward" or "backward"
     philox_calls: int = 0  # kernels: Philox4x32-10 evaluations (dropout), at the target shape
+    fmas: int = 0  # kernels: float32 multiply-adds the kernel declared, at the target shape
 
 
 @dataclasses.dataclass
@@ -180,8 +182,11 @@ def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[T
                     buffers = [(f.split(":")[0], f.split(":")[1], int(f.split(":")[2]) * scale * scale)
                                for f in line[3:] if ":" in f]
                     philox = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("philox="))
+                    # multiply-adds of a tile product grow with out * in * r: three scaled dims
+                    fmas = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("fma="))
                     index = len(calls)
-                    calls.append(Call(name[len(KERNEL):], [], [], buffers, phase, philox * scale * scale))
+                    calls.append(Call(name[len(KERNEL):], [], [], buffers, phase, philox * scale * scale,
+                                      fmas * scale ** 3))
                     skip_until = end
                 elif name not in FREE and name not in PASS_THROUGH and not _is_autograd_node(name):
                     index = len(calls)

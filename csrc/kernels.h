@@ -42,9 +42,19 @@ struct PiecePattern {
   /* along_rows, else [rows, slots * cols]; slot s holds piece pattern.piece[s] */              \
   void bf16_pieces(const Tensor& t, const PiecePattern& pattern, bool along_rows, Tensor& out); \
   /* y[n, o] = v[n, o % m] (+ bias[o]), y only written; y [N, out] contiguous; v [N, m] acc */  \
-  void write_out_tiled(Tensor& y, const Tensor& v, const OptTensor& bias);
+  void write_out_tiled(Tensor& y, const Tensor& v, const OptTensor& bias);                    \
+  /* out = W + W B_k + B_k per r x r tile (bat), float32 math, out in W's dtype (may be W); */ \
+  /* W float32/16-bit, contiguous; block_acc [out / r, r, r] float32; bat_transform_fits(r) */  \
+  void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out);
 
 namespace miss {
+
+// The shapes the CUDA kernel bat_transform takes (csrc/cuda/bat_kernels.cuh): a tile of W and
+// B_k in shared memory (r <= 64), and 4 x 4 outputs per thread (r % 4 == 0).
+constexpr int kBatMaxRank = 64;
+constexpr int kBatPiece = 4;
+inline bool bat_transform_fits(int64_t r) { return r % kBatPiece == 0 && r <= kBatMaxRank; }
+
 namespace cpu {
 MISS_DECLARE_KERNELS
 }

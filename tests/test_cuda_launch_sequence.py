@@ -111,8 +111,10 @@ def test_bat_step(tokens):
     most 1/8 of x's bytes (8 slabs at in = out = N / 2, the benchmark's ratio)."""
     shape = gpu_trace.Shape(tokens, 256, 256, 16, 4)
     trace = recorded("bat", shape=shape)
-    # the "+ B_k" of each tile is a kernel (in place; a broadcast add would need a weight-sized temporary)
-    transform = ["aten::copy_", "aten::baddbmm", "update_rows_kernel<kVec>", "aten::copy_"]
+    # W' from one kernel that reads each tile of the bf16 W once and writes it once in bf16:
+    # no float32 copy of W or W' (the batched-GEMM form makes two), and its multiply-adds
+    # declared for the cost model
+    transform = ["bat_transform_kernel<scalar_t>"]
     assert names(trace, "forward") == transform + ["aten::mm"]
     slabs = [c for c in trace.calls if c.name == "mm.dtype"]
     x_bytes = shape.tokens * shape.in_features * 2
@@ -123,6 +125,8 @@ def test_bat_step(tokens):
     assert len(slabs) == {512: 8, 2048: 2}[tokens]
     slab = ["mm.dtype", "aten::copy_", "aten::sum", "aten::baddbmm"]
     assert names(trace, "backward") == transform + ["aten::mm"] + slab * len(slabs)
+    kernel = [c for c in trace.calls if c.name == transform[0]]
+    assert [c.fmas for c in kernel] == [shape.out_features * shape.in_features * shape.r] * 2
     assert activation_sized(trace, shape) == []
 
 

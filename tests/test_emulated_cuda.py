@@ -176,8 +176,10 @@ def test_every_kernel_runs_under_the_emulator():
     y16, fold16 = EMU.shard_linear(x16, weight.bfloat16(), None, block, 0.0, None)
     EMU.shard_linear_backward(rand(y16.shape, dtype=torch.bfloat16, gen=gen), fold16, weight.bfloat16(), block, 12,
                               0.0, None, None, [True, True])
+    EMU.bat_weight(weight.bfloat16(), rand((2, 4, 4), gen=gen))  # bf16 bat: bat_transform_kernel
     launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
-    assert {name.split("<")[0] for name in launched} == kernels, f"not launched: {kernels - launched}"
+    launched_names = {name.split("<")[0] for name in launched}
+    assert launched_names == kernels, f"not launched: {kernels - launched_names}"
     assert {"shard_merge_kernel<kVec>", "shard_merge_kernel<1>"} <= launched  # 16-byte and scalar forms
     assert {"shard_fold_kernel<1>", "shard_fold_kernel<8>"} <= launched  # per element, per 8-column run
 
@@ -238,7 +240,7 @@ def test_safe_merge_refuses_non_finite():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("r", [1, 4, 8, 32])
+@pytest.mark.parametrize("r", [1, 4, 8, 32, 64])  # 64: the largest r of bat_transform_kernel
 def test_bat_ops(r, dtype):
     gen = generator(14 + r)
     out_features, in_features = 2 * r * 2, 3 * r
@@ -254,3 +256,18 @@ def test_bat_ops(r, dtype):
     oracle = CPU.bat_linear_backward(grad_out.double(), x.double(), w64, b64, [True, True, True])
     for e, c, o, name in zip(emulated, cpu, oracle, ("grad_x", "grad_weight", "grad_block")):
         check(e, c, o, name)
+
+
+def test_bat_transform_kernel_reuses_its_shared_tile_safely():
+    """More tiles than blocks (sm_count 2 gives 64 blocks for 192 tiles): each block stages
+    several tiles in turn in the same shared arrays, in place too (an in-place merge), and
+    the race detector checks the barrier between them."""
+    gen = generator(31)
+    weight, block = rand((128, 96), dtype=torch.bfloat16, gen=gen), bat_block(128, 8, gen=gen)
+    EMU.launch_log(clear=True)
+    emulated = EMU.bat_weight(weight, block)
+    assert EMU.launch_log(clear=True)[0].startswith("bat_transform_kernel<scalar_t> grid=(64,1,1) block=(4,1,1)")
+    check(emulated, CPU.bat_weight(weight, block), reference.bat_weight(weight.double(), block.double()), "W'")
+    merged = weight.clone()
+    EMU.merge_(merged, block, False)
+    assert torch.equal(merged, emulated)

@@ -64,6 +64,7 @@ MISS_DEVICE void atomic_store(int* p, int value) { atomicExch(p, value); }
 template <typename T>
 MISS_DEVICE bool is_null(const T* p) { return p == nullptr; }
 MISS_DEVICE void note_philox_call() {}
+MISS_DEVICE void note_fmas(uint64_t) {}
 MISS_DEVICE bool is_finite(double v) { return isfinite(v); }
 
 inline int current_device() {
@@ -171,6 +172,7 @@ inline void atomic_store(gptr<int> p, int value) {
 }
 inline bool is_finite(double v) { return std::isfinite(v); }
 inline void note_philox_call() { emu::note_philox_call(); }
+inline void note_fmas(uint64_t count) { emu::note_fmas(count); }
 template <typename T>
 bool is_null(gptr<T> p) { return p.raw() == nullptr; }
 

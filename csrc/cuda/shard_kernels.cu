@@ -2,3 +2,4 @@
 // shard_kernels.cuh.
 #define MISS_CUDA_NAMESPACE cuda
 #include "shard_kernels.cuh"
+#include "bat_kernels.cuh"

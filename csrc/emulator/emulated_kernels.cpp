@@ -3,3 +3,4 @@
 #define MISS_EMULATE_CUDA
 #define MISS_CUDA_NAMESPACE emulated_cuda
 #include "../cuda/shard_kernels.cuh"
+#include "../cuda/bat_kernels.cuh"

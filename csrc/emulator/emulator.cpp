@@ -72,6 +72,7 @@ struct Launch {
   std::mt19937_64 rng;
   uint64_t launches = 0;
   uint64_t philox_calls = 0;  // of the running launch
+  uint64_t fma_count = 0;     // float fused multiply-adds the running launch declared
   const std::function<void()>* body = nullptr;
 };
 
@@ -244,6 +245,10 @@ void note_philox_call() {
   if (state.running) ++state.philox_calls;
 }
 
+void note_fmas(uint64_t count) {
+  if (state.running) state.fma_count += count;
+}
+
 bool check_alignment(const void* address, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(address) % bytes == 0) return true;
   std::ostringstream text;
@@ -326,6 +331,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
 
   state.running = true;
   state.philox_calls = 0;
+  state.fma_count = 0;
   state.kernel = kernel;
   state.error.clear();
   state.shadow.clear();
@@ -346,6 +352,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   const std::string error = state.error;
   state.running = false;
   if (state.philox_calls) launch_log().back() += " philox=" + std::to_string(state.philox_calls);
+  if (state.fma_count) launch_log().back() += " fma=" + std::to_string(state.fma_count);
   state.buffers.clear();
   state.shared.clear();
   state.shared_storage.clear();

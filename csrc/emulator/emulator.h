@@ -50,7 +50,8 @@ struct Config {
 Config& config();
 
 // One line per launch since the last clear: "kernel grid=(x,y,z) block=(x,y,z)" and then
-// "name:role:bytes" for each buffer it was given (role in, out or inout).
+// "name:role:bytes" for each buffer it was given (role in, out or inout), then "philox=N"
+// and "fma=N" when the kernel counted any.
 std::vector<std::string>& launch_log();
 
 // Declares a buffer the next launch may access: [base, base + bytes), elements of
@@ -67,6 +68,10 @@ bool check_alignment(const void* address, size_t bytes);
 // Counts one Philox4x32-10 evaluation of the running launch (the launch log reports them:
 // the cost model prices the integer work of dropout by them).
 void note_philox_call();
+
+// Counts `count` float fused multiply-adds of the running launch (the launch log reports
+// them as fma=N: the cost model prices a compute-bound kernel by them).
+void note_fmas(uint64_t count);
 
 // The block's shared array `name` (the same memory for every thread of the block).
 void* shared_array(const char* name, size_t bytes, size_t element_size);

@@ -32,6 +32,13 @@ void add_block_rows_(Tensor& t3, const Tensor& block, double sign = 1.0) {
 void transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
   if (weight.numel() == 0) return;
   const int64_t r = block_acc.size(-1);
+  // A 16-bit W on CUDA: one kernel reads each tile once and writes W' in W's dtype, instead of
+  // float32 copies of W and W' around a float32 (SIMT) batched GEMM.
+  const ScalarType t = weight.scalar_type();
+  if (on_cuda_path(weight) && (t == kBFloat16 || t == kHalf) && out.scalar_type() == t && bat_transform_fits(r)) {
+    MISS_CALL_CUDA_ONLY(bat_transform, weight, block_acc, out);
+    return;
+  }
   const Tensor w3 = row_blocks(weight, r, block_acc.scalar_type());
   // Straight into out when it has the accumulation dtype and is not W itself (an in-place
   // merge): no weight-sized temporary and no copy of it.
