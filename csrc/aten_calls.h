@@ -190,41 +190,34 @@ inline Tensor add(const Tensor& a, const Tensor& b) { return aten::subtract(a, b
 // dst += src (src broadcast to dst), in place: one temporary of dst's shape.
 inline void add_(Tensor& dst, const Tensor& src) { aten::copy_(dst, aten::subtract(dst, src, -1.0)); }
 
+// Calls torch's C shim aoti_torch_{cuda,cpu}_<NAME> for the device of `out` with beta =
+// alpha = 1 after the tensor arguments (the callers open the profiler range of the op).
+#ifdef MISS_WITH_CUDA
+#define MISS_GEMM_SHIM(NAME, out, ...)                                                            \
+  TORCH_ERROR_CODE_CHECK((out).is_cuda() ? aoti_torch_cuda_##NAME((out).get(), __VA_ARGS__, 1.0, 1.0) \
+                                         : aoti_torch_cpu_##NAME((out).get(), __VA_ARGS__, 1.0, 1.0))
+#else
+#define MISS_GEMM_SHIM(NAME, out, ...) \
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_##NAME((out).get(), __VA_ARGS__, 1.0, 1.0))
+#endif
+
 // y += a @ b in place (aten::addmm_ with beta = alpha = 1).
 inline void addmm_(Tensor& y, const Tensor& a, const Tensor& b) {
   const ProfilerRange range("aten::addmm_", {&y, &a, &b});
-#ifdef MISS_WITH_CUDA
-  if (y.is_cuda()) {
-    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(y.get(), y.get(), a.get(), b.get(), 1.0, 1.0));
-    return;
-  }
-#endif
-  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(y.get(), y.get(), a.get(), b.get(), 1.0, 1.0));
+  MISS_GEMM_SHIM(addmm_out, y, y.get(), a.get(), b.get());
 }
 
 // out = self + a @ b, self broadcast to out (aten::addmm with beta = alpha = 1; a 1-D self
 // is a bias: cuBLASLt adds it in the GEMM's epilogue).
 inline void addmm_out(Tensor& out, const Tensor& self, const Tensor& a, const Tensor& b) {
   const ProfilerRange range("aten::addmm", {&self, &a, &b});
-#ifdef MISS_WITH_CUDA
-  if (out.is_cuda()) {
-    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
-    return;
-  }
-#endif
-  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), self.get(), a.get(), b.get(), 1.0, 1.0));
+  MISS_GEMM_SHIM(addmm_out, out, self.get(), a.get(), b.get());
 }
 
 // out = self + b1 @ b2 per batch entry (aten::baddbmm).
 inline void baddbmm_out(Tensor& out, const Tensor& self, const Tensor& b1, const Tensor& b2) {
   const ProfilerRange range("aten::baddbmm", {&self, &b1, &b2});
-#ifdef MISS_WITH_CUDA
-  if (out.is_cuda()) {
-    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_baddbmm_out(out.get(), self.get(), b1.get(), b2.get(), 1.0, 1.0));
-    return;
-  }
-#endif
-  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_baddbmm_out(out.get(), self.get(), b1.get(), b2.get(), 1.0, 1.0));
+  MISS_GEMM_SHIM(baddbmm_out, out, self.get(), b1.get(), b2.get());
 }
 inline Tensor baddbmm(const Tensor& self, const Tensor& b1, const Tensor& b2) {
   Tensor out = aten::empty({b1.size(0), b1.size(1), b2.size(2)}, self.scalar_type(), self.device());

@@ -127,33 +127,26 @@ using opmath_t = typename OpMath<T>::type;
 
 // --- Small tensor utilities -------------------------------------------------------------
 
-// The value of a one-element tensor (a device tensor is synchronised and copied).
+// The value of a one-element tensor (a device tensor is synchronised and copied), through
+// the shim of its C type.
+namespace detail {
+template <typename T, typename Shim>
+T item_from(const Tensor& t, Shim shim) {
+  T value{};
+  TORCH_ERROR_CODE_CHECK(shim(t.get(), &value));
+  return value;
+}
+}  // namespace detail
 template <typename T>
 T item(const Tensor& t);
 template <>
-inline int64_t item<int64_t>(const Tensor& t) {
-  int64_t v = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_item_int64(t.get(), &v));
-  return v;
-}
+inline int64_t item<int64_t>(const Tensor& t) { return detail::item_from<int64_t>(t, aoti_torch_item_int64); }
 template <>
-inline int32_t item<int32_t>(const Tensor& t) {
-  int32_t v = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_item_int32(t.get(), &v));
-  return v;
-}
+inline int32_t item<int32_t>(const Tensor& t) { return detail::item_from<int32_t>(t, aoti_torch_item_int32); }
 template <>
-inline double item<double>(const Tensor& t) {
-  double v = 0;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_item_float64(t.get(), &v));
-  return v;
-}
+inline double item<double>(const Tensor& t) { return detail::item_from<double>(t, aoti_torch_item_float64); }
 template <>
-inline bool item<bool>(const Tensor& t) {
-  bool v = false;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_item_bool(t.get(), &v));
-  return v;
-}
+inline bool item<bool>(const Tensor& t) { return detail::item_from<bool>(t, aoti_torch_item_bool); }
 
 inline bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
