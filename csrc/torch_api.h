@@ -52,7 +52,6 @@ inline void put(std::ostringstream& os, IntArrayRef values) {
   for (size_t i = 0; i < values.size(); ++i) os << (i ? ", " : "") << values[i];
   os << ']';
 }
-inline void put(std::ostringstream& os, const std::vector<int64_t>& values) { put(os, IntArrayRef(values)); }
 inline void put(std::ostringstream& os, ScalarType t) { os << torch::headeronly::toString(t); }
 inline void put(std::ostringstream& os, const torch::stable::Device& d) {
   switch (d.type()) {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,9 +73,16 @@ inline int current_device() {
   STD_CUDA_CHECK(cudaGetDevice(&device));
   return device;
 }
+// Read once per device (every launch sizes its grid by it).
 inline int sm_count() {
-  int count = 0;
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices] = {};
+  const int device = current_device();
+  int count = device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (device < kCachedDevices) cached[device].store(count, std::memory_order_relaxed);
+  }
   return count;
 }
 // torch's current stream on the current device: our kernels are ordered with its GEMMs.

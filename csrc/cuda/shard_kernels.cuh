@@ -93,23 +93,36 @@ MISS_GLOBAL void shard_fold_kernel(gptr<const scalar_t> MISS_RESTRICT x, RowInde
 // one at a time). `Update::run(first, values, count)` turns the old values of elements
 // first .. first + count - 1 (flat indices) into the new ones; src may be dst.
 
-template <int kVec, typename scalar_t, typename Update>
-MISS_GLOBAL void update_rows_kernel(gptr<const scalar_t> src, gptr<scalar_t> dst, int64_t total, Update update) {
+// The grid-stride loop of both kernels below. kReads: the old values come from src (which
+// may be dst); otherwise they start as zeros and src is not read.
+template <int kVec, bool kReads, typename scalar_t, typename Update>
+MISS_DEVICE void update_elements(gptr<const scalar_t> src, gptr<scalar_t> dst, int64_t total, const Update& update) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x * kVec;
   for (int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; first < total;
        first += step) {
     if (first + kVec <= total) {
-      device::Pack<scalar_t, kVec> pack = device::load_pack<kVec>(src + first);
+      device::Pack<scalar_t, kVec> pack;
+      if constexpr (kReads) {
+        pack = device::load_pack<kVec>(src + first);
+      } else {
+        for (int k = 0; k < kVec; ++k) pack.v[k] = scalar_t(0);
+      }
       update.run(first, pack.v, kVec);
       device::store_pack<kVec>(dst + first, pack);
     } else {
       for (int64_t index = first; index < total; ++index) {
-        scalar_t value = src[index];
+        scalar_t value = scalar_t(0);
+        if constexpr (kReads) value = src[index];
         update.run(index, &value, 1);
         dst[index] = value;
       }
     }
   }
+}
+
+template <int kVec, typename scalar_t, typename Update>
+MISS_GLOBAL void update_rows_kernel(gptr<const scalar_t> src, gptr<scalar_t> dst, int64_t total, Update update) {
+  update_elements<kVec, true>(src, dst, total, update);
 }
 
 template <typename scalar_t, typename Update>
@@ -129,22 +142,7 @@ void launch_update_rows(const Tensor& src_tensor, Tensor& dst_tensor, int64_t to
 // only written, so an uninitialised output is never read and the pass costs one write.
 template <int kVec, typename scalar_t, typename Update>
 MISS_GLOBAL void write_rows_kernel(gptr<scalar_t> dst, int64_t total, Update update) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x * kVec;
-  for (int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec; first < total;
-       first += step) {
-    if (first + kVec <= total) {
-      device::Pack<scalar_t, kVec> pack;
-      for (int k = 0; k < kVec; ++k) pack.v[k] = scalar_t(0);
-      update.run(first, pack.v, kVec);
-      device::store_pack<kVec>(dst + first, pack);
-    } else {
-      for (int64_t index = first; index < total; ++index) {
-        scalar_t value = scalar_t(0);
-        update.run(index, &value, 1);
-        dst[index] = value;
-      }
-    }
-  }
+  update_elements<kVec, false>(gptr<const scalar_t>(dst), dst, total, update);  // src unread
 }
 
 template <typename scalar_t, typename Update>

@@ -19,14 +19,10 @@ void check_bat_layer(const char* op, const Tensor& weight, const Tensor& block) 
   check_same_device(op, "block", block, "weight", weight);
 }
 
-Tensor block_in_acc(const Tensor& block, const Tensor& data) {
-  return aten::contiguous(aten::to(block, accumulate_dtype(data.scalar_type())));
-}
-
 Tensor transformed_weight(const Tensor& weight, const Tensor& block) {
   const Tensor w = aten::contiguous(weight);
   Tensor result = aten::empty_contiguous_like(w);
-  bat_batched::transform(w, block_in_acc(block, w), result);
+  bat_batched::transform(w, as_accumulate(block, w), result);
   return result;
 }
 
@@ -34,14 +30,14 @@ Tensor transformed_weight(const Tensor& weight, const Tensor& block) {
 Tensor block_grad_of(const Tensor& grad_weight, const Tensor& weight, int64_t r) {
   const ScalarType acc = accumulate_dtype(weight.scalar_type());
   Tensor grad_block = aten::empty({weight.size(0) / r, r, r}, acc, weight.device());
-  bat_batched::block_grad(aten::contiguous(aten::to(grad_weight, acc)), aten::contiguous(weight), grad_block);
+  bat_batched::block_grad(as_accumulate(grad_weight, weight), aten::contiguous(weight), grad_block);
   return grad_block;
 }
 
 Tensor weight_grad_of(const Tensor& grad_weight, const Tensor& block) {
   const Tensor g = aten::contiguous(grad_weight);
   Tensor result = aten::empty_contiguous_like(g);
-  bat_batched::weight_grad(g, block_in_acc(block, g), result);
+  bat_batched::weight_grad(g, as_accumulate(block, g), result);
   return result;
 }
 
@@ -149,7 +145,7 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
     const int64_t r = block.size(-1), step = g_slab_rows(x, out, in, r);
     // Once for every slab: W contiguous, and the block in the accumulation dtype.
     const Tensor w = aten::contiguous(weight);
-    const Tensor block_acc = need_weight ? block_in_acc(block, x) : Tensor();
+    const Tensor block_acc = need_weight ? as_accumulate(block, x) : Tensor();
     if (need_block) grad_block = aten::empty({out / r, r, r}, acc, block.device());
     if (need_weight) grad_weight = aten::empty_contiguous_like(w);
     for (int64_t first = 0; first < out; first += step) {

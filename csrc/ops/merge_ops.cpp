@@ -64,7 +64,7 @@ void merge_(Tensor& weight, const Tensor& block, bool check_finite) {
   const char* op = "merge_";
   check_weight_for_merge(op, weight, block);
   const OptionalDeviceGuard guard(weight);
-  const Tensor block_acc = aten::contiguous(aten::to(block, accumulate_dtype(weight.scalar_type())));
+  const Tensor block_acc = as_accumulate(block, weight);
   if (block.dim() == 2) {
     MISS_CHECK(!check_finite || MISS_ROUTE(weight, shard_merge_is_finite, weight, block_acc, 1.0f),
                 "miss.merge_: merging would put NaN or Inf into 'weight'; weight left unchanged");
@@ -85,7 +85,7 @@ void merge_(Tensor& weight, const Tensor& block, bool check_finite) {
 void unmerge_(Tensor& weight, const Tensor& block) {
   check_weight_for_merge("unmerge_", weight, block);
   const OptionalDeviceGuard guard(weight);
-  const Tensor block_acc = aten::contiguous(aten::to(block, accumulate_dtype(weight.scalar_type())));
+  const Tensor block_acc = as_accumulate(block, weight);
   if (block.dim() == 2) {
     MISS_ROUTE(weight, shard_merge, weight, block_acc, -1.0f, weight);
     return;

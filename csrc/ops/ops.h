@@ -7,9 +7,17 @@
 #include <tuple>
 #include <vector>
 
+#include "../aten_calls.h"
+#include "../checks.h"
 #include "../torch_api.h"
 
 namespace miss {
+
+// t (a block, a fold, a gradient) in the accumulation dtype of `data` (checks.h
+// accumulate_dtype), contiguous: the form the kernels and the float32 GEMMs take it in.
+inline Tensor as_accumulate(const Tensor& t, const Tensor& data) {
+  return aten::contiguous(aten::to(t, accumulate_dtype(data.scalar_type())));
+}
 
 // Standard and mini. The block is [r, m]: m == out is standard, m < out (m | out) is mini.
 Tensor shard_fold(const Tensor& x, int64_t r, double p, const OptTensor& seed);

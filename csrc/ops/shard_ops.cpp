@@ -23,11 +23,6 @@ int64_t chunk_rows(const Tensor& data, int64_t width) {
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, width));
 }
 
-// t converted to the accumulation dtype of `data` (t is small: a block or [N, r]).
-Tensor as_accumulate(const Tensor& t, const Tensor& data) {
-  return aten::contiguous(aten::to(t, accumulate_dtype(data.scalar_type())));
-}
-
 Tensor fold_of(const Tensor& x, int64_t r, const DropoutParams& dropout) {
   Tensor fold = aten::empty({num_rows(x), r}, accumulate_dtype(x.scalar_type()), x.device());
   MISS_ROUTE(x, shard_fold, x, dropout, fold);
