@@ -14,6 +14,10 @@ The model (every figure is an assumption, stated here and in the results file):
 - Every other call is memory-bound: bytes / (HBM * MEMORY_EFFICIENCY); for our kernels the
   bytes are the buffers the emulator saw each launch given (inputs read once, outputs written
   once, in-place buffers both).
+- Our compute-bound kernels take the longer of their memory time and their arithmetic: the
+  float32 multiply-adds they declare to the emulator at SIMT_KERNEL_EFFICIENCY of the float32
+  peak, and their warp-wide bf16 tensor-core products (mma.sync m16n8k16, 4096 FLOPs each,
+  counted by the emulator) at MMA_KERNEL_EFFICIENCY of the bf16 peak.
 - Dropout is integer work: each Philox4x32-10 call (counted per launch by the emulator for our
   kernels; one per 4 elements for torch's dropout) costs PHILOX_INT_OPS INT32 instructions,
   and a kernel takes the longer of its memory time and its integer time.
@@ -58,13 +62,18 @@ INT_EFFICIENCY = 0.7  # fraction of INT32 peak a Philox-bound kernel sustains (a
 # Fraction of the float32 (SIMT) peak our compute-bound kernels sustain (bat_transform_kernel:
 # two multiply-adds per pair of shared-memory loads caps it at 0.5 of the peak; assumed 0.4).
 SIMT_KERNEL_EFFICIENCY = 0.4
+# Fraction of the bf16 tensor-core peak our mma.sync kernels sustain (assumed): the datasheet
+# peak is for Hopper's warpgroup MMA (wgmma); warp-level mma.sync, staged through shared memory
+# without an asynchronous pipeline, reaches well under it.
+MMA_KERNEL_EFFICIENCY = 0.3
+MMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16 product
 
 ASSUMPTIONS = {
     "gemm_efficiency": GEMM_EFFICIENCY, "memory_efficiency": MEMORY_EFFICIENCY,
     "kernel_floor_us": KERNEL_FLOOR_US, "launch_gap_us": LAUNCH_GAP_US,
     "host_us_per_aten_call": HOST_US_PER_ATEN_CALL, "host_us_per_python_call": HOST_US_PER_PYTHON_CALL,
     "philox_int_ops": PHILOX_INT_OPS, "int_efficiency": INT_EFFICIENCY,
-    "simt_kernel_efficiency": SIMT_KERNEL_EFFICIENCY,
+    "simt_kernel_efficiency": SIMT_KERNEL_EFFICIENCY, "mma_kernel_efficiency": MMA_KERNEL_EFFICIENCY,
     "torch_dropout": "torch's CUDA dropout draws 4 uniforms per Philox call (one call per 4 elements)",
     "peak_sources": "NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM, dense)",
     "fp32_matmul": "float32 GEMMs on SIMT cores (torch.backends.cuda.matmul.allow_tf32 defaults to False)",
@@ -135,9 +144,10 @@ def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
         if call.buffers:  # our kernel
             bytes_ = sum(b * (2 if role == "inout" else 1) for _, role, b in call.buffers)
             philox_us = call.philox_calls * PHILOX_INT_OPS / int_rate * 1e6
-            flops = 2 * call.fmas
-            fma_us = flops / (gpu["fp32_tflops"] * 1e12 * SIMT_KERNEL_EFFICIENCY) * 1e6
-            us, kind = max(bytes_ / bandwidth * 1e6, philox_us, fma_us), "kernel"
+            fma_us = 2 * call.fmas / (gpu["fp32_tflops"] * 1e12 * SIMT_KERNEL_EFFICIENCY) * 1e6
+            mma_us = call.mmas * MMA_FLOPS / (gpu["bf16_tflops"] * 1e12 * MMA_KERNEL_EFFICIENCY) * 1e6
+            flops = 2 * call.fmas + call.mmas * MMA_FLOPS
+            us, kind = max(bytes_ / bandwidth * 1e6, philox_us, fma_us, mma_us), "kernel"
         elif call.name in GEMMS:
             flops, bytes_, dtype = gemm_cost(call)
             compute = flops / (_peak_tflops(gpu, dtype) * 1e12 * GEMM_EFFICIENCY)

@@ -39,6 +39,7 @@ class Call:
     phase: str = ""  # "forward" or "backward"
     philox_calls: int = 0  # kernels: Philox4x32-10 evaluations (dropout), at the target shape
     fmas: int = 0  # kernels: float32 multiply-adds the kernel declared, at the target shape
+    mmas: int = 0  # kernels: warp-wide m16n8k16 bf16 tensor-core products, at the target shape
 
 
 @dataclasses.dataclass
@@ -184,9 +185,10 @@ def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[T
                     philox = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("philox="))
                     # multiply-adds of a tile product grow with out * in * r: three scaled dims
                     fmas = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("fma="))
+                    mmas = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("mma="))
                     index = len(calls)
                     calls.append(Call(name[len(KERNEL):], [], [], buffers, phase, philox * scale * scale,
-                                      fmas * scale ** 3))
+                                      fmas * scale ** 3, mmas * scale ** 3))
                     skip_until = end
                 elif name not in FREE and name not in PASS_THROUGH and not _is_autograd_node(name):
                     index = len(calls)

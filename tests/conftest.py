@@ -301,6 +301,8 @@ BAT_CASES = (
     BatCase((), 8, 4, 2),                    # 1-D x
     BatCase((2, 3), 8, 8, 4, "transposed3d"),
     BatCase((5,), 8, 12, 4, "transposed"),
+    BatCase((5,), 32, 48, 16),               # r % 16 == 0: on CUDA a bf16 W's transform runs on tensor cores
+    BatCase((3,), 128, 192, 64),             # the benchmark's r
 )
 
 

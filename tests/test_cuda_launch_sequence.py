@@ -112,9 +112,9 @@ def test_bat_step(tokens):
     shape = gpu_trace.Shape(tokens, 256, 256, 16, 4)
     trace = recorded("bat", shape=shape)
     # W' from one kernel that reads each tile of the bf16 W once and writes it once in bf16:
-    # no float32 copy of W or W' (the batched-GEMM form makes two), and its multiply-adds
-    # declared for the cost model
-    transform = ["bat_transform_kernel<scalar_t>"]
+    # no float32 copy of W or W' (the batched-GEMM form makes two). Its products run on tensor
+    # cores (r % 16 == 0), B_k as two bf16 pieces: 2 * r^3 / 2048 m16n8k16 products per tile
+    transform = ["bat_transform_mma_kernel<kRank>"]
     assert names(trace, "forward") == transform + ["aten::mm"]
     slabs = [c for c in trace.calls if c.name == "mm.dtype"]
     x_bytes = shape.tokens * shape.in_features * 2
@@ -126,7 +126,8 @@ def test_bat_step(tokens):
     slab = ["mm.dtype", "aten::copy_", "aten::sum", "aten::baddbmm"]
     assert names(trace, "backward") == transform + ["aten::mm"] + slab * len(slabs)
     kernel = [c for c in trace.calls if c.name == transform[0]]
-    assert [c.fmas for c in kernel] == [shape.out_features * shape.in_features * shape.r] * 2
+    products = shape.out_features * shape.in_features * shape.r // (16 * 8 * 16)  # one piece of B
+    assert [(c.fmas, c.mmas) for c in kernel] == [(0, 2 * products)] * 2
     assert activation_sized(trace, shape) == []
 
 

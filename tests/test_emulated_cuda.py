@@ -57,6 +57,8 @@ def check(emulated, cpu, oracle, what):
     ("partial_output", r"leaves 'out'\[256\] of its output unwritten"),
     ("divergent_barrier", r"barrier divergence in block 0: 128 threads wait"),
     ("misaligned", r"misaligned 16-byte vector access"),
+    ("mma_divergence", r"warp divergence in block 0: 32 lanes wait at mma.sync"),
+    ("mma_partial_warp", r"mma.sync in a warp of 16 threads"),
 ])
 def test_planted_bug_is_reported(kind, message):
     with pytest.raises(RuntimeError, match=message):
@@ -176,7 +178,8 @@ def test_every_kernel_runs_under_the_emulator():
     y16, fold16 = EMU.shard_linear(x16, weight.bfloat16(), None, block, 0.0, None)
     EMU.shard_linear_backward(rand(y16.shape, dtype=torch.bfloat16, gen=gen), fold16, weight.bfloat16(), block, 12,
                               0.0, None, None, [True, True])
-    EMU.bat_weight(weight.bfloat16(), rand((2, 4, 4), gen=gen))  # bf16 bat: bat_transform_kernel
+    EMU.bat_weight(weight.bfloat16(), rand((2, 4, 4), gen=gen))  # bf16 bat, r % 16 != 0: bat_transform_kernel
+    EMU.bat_weight(rand((32, 48), dtype=torch.bfloat16, gen=gen), rand((2, 16, 16), gen=gen))  # r 16: on tensor cores
     launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
     launched_names = {name.split("<")[0] for name in launched}
     assert launched_names == kernels, f"not launched: {kernels - launched_names}"
@@ -240,7 +243,8 @@ def test_safe_merge_refuses_non_finite():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("r", [1, 4, 8, 32, 64])  # 64: the largest r of bat_transform_kernel
+# 64: the largest r of the transform kernels; 16, 32, 64 in bf16: bat_transform_mma_kernel
+@pytest.mark.parametrize("r", [1, 4, 8, 16, 32, 64])
 def test_bat_ops(r, dtype):
     gen = generator(14 + r)
     out_features, in_features = 2 * r * 2, 3 * r
@@ -256,6 +260,35 @@ def test_bat_ops(r, dtype):
     oracle = CPU.bat_linear_backward(grad_out.double(), x.double(), w64, b64, [True, True, True])
     for e, c, o, name in zip(emulated, cpu, oracle, ("grad_x", "grad_weight", "grad_block")):
         check(e, c, o, name)
+
+
+def test_mma_matches_the_isa_fragment_layout():
+    """The emulated mma.sync against a @ b, through a probe kernel that places every element
+    where the PTX ISA says (not where the emulator or the kernels compute it)."""
+    gen = generator(41)
+    a, b = rand((16, 16), dtype=torch.bfloat16, gen=gen), rand((16, 8), dtype=torch.bfloat16, gen=gen)
+    torch.testing.assert_close(EMU.mma_probe(a, b), (a.double() @ b.double()).float(), rtol=1e-6, atol=1e-6)
+    # a transposed or permuted layout would be found: the product is not symmetric under them
+    assert not torch.allclose(EMU.mma_probe(a.t().contiguous(), b), (a.double() @ b.double()).float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("r", [16, 32, 48, 64])
+def test_bat_transform_mma_kernel_stages_b_once_per_row_block(r):
+    """More tiles than blocks (sm_count 2 gives 64 blocks): each block takes a run of
+    consecutive tiles that crosses row-blocks, so it restages B_k between tiles; in place
+    too (an in-place merge). Races between the stages are the detector's to find."""
+    gen = generator(43 + r)
+    out_features, in_features = 40 * r, 3 * r  # 120 tiles: runs of 2, crossing row-blocks
+    weight, block = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen), bat_block(out_features, r, gen=gen)
+    EMU.launch_log(clear=True)
+    emulated = EMU.bat_weight(weight, block)
+    line = EMU.launch_log(clear=True)[0]
+    assert line.startswith(f"bat_transform_mma_kernel<kRank> grid=(64,1,1) block=({2 * r},1,1)"), line
+    assert f"mma={out_features * in_features * r // 1024}" in line  # 2 pieces x r^3 / (16 * 8 * 16) per tile
+    check(emulated, CPU.bat_weight(weight, block), reference.bat_weight(weight.double(), block.double()), "W'")
+    merged = weight.clone()
+    EMU.merge_(merged, block, False)
+    assert torch.equal(merged, emulated)
 
 
 def test_bat_transform_kernel_reuses_its_shared_tile_safely():

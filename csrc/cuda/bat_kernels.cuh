@@ -3,13 +3,13 @@
 // form (ops/bat_batched.cpp) needs W and W' as weight-sized float32 tensors when W is 16-bit
 // (two copies and two passes over them); here each tile is read once and written once.
 //
-// One block per tile (grid-stride over tiles): the tile of W and B_k are staged in shared
-// memory, and each of the (r/4)^2 threads computes a 4 x 4 piece of the tile, so that every
-// pair of shared loads feeds two multiply-adds (a thread per element would need two loads
-// per multiply-add and be bound by shared-memory bandwidth). r % 4 == 0 and r <= 64 (the
-// host routes other shapes to the batched GEMMs). The tile is staged before any write, so W'
-// may be W itself (an in-place merge). Compiled by nvcc (shard_kernels.cu) and by the host
-// compiler for the emulator (csrc/emulator/emulated_kernels.cpp), like shard_kernels.cuh.
+// Two kernels, one launcher. A bf16 W with r % 16 == 0 (the benchmark's case) runs on tensor
+// cores (bat_transform_mma_kernel): at r = 64 the float32 multiply-adds on SIMT cores would
+// take longer than the pass over W itself. Other shapes and dtypes (fp16, fp32, r % 16 != 0)
+// run on SIMT cores (bat_transform_kernel). r <= 64 for both (the host routes larger r to the
+// batched GEMMs). Each block stages a tile before writing it, so W' may be W itself (an
+// in-place merge). Compiled by nvcc (shard_kernels.cu) and by the host compiler for the
+// emulator (csrc/emulator/emulated_kernels.cpp), which also emulates the mma instruction.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,10 @@ namespace miss {
 namespace MISS_CUDA_NAMESPACE {
 namespace {
 
+// SIMT: one block per tile (grid-stride over tiles): the tile of W and B_k are staged in shared
+// memory, and each of the (r/4)^2 threads computes a 4 x 4 piece of the tile, so that every
+// pair of shared loads feeds two multiply-adds (a thread per element would need two loads
+// per multiply-add and be bound by shared-memory bandwidth). r % 4 == 0.
 template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
 MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, gptr<const acc_t> block, int64_t out_rows,
                                       int64_t in, int64_t r, gptr<scalar_t> result) {
@@ -61,6 +65,92 @@ MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, gptr<const ac
   }
 }
 
+// Tensor cores: W_kj B_k as bf16 mma.sync products with float32 accumulation. B_k (float32) is
+// split into two bf16 pieces, hi = bf16(B) and lo = bf16(B - hi), which carry 16 of its 24
+// bits: the product's error, about 2^-17 |W_kj| |B_k|, is far below the bf16 rounding of W'
+// (2^-9 |W'|). Warp w of the r / 16 warps computes rows 16w .. 16w + 15 of the tile, 8 columns
+// at a time; its A fragments (W's rows) are loaded once per tile. Each block takes a run of
+// consecutive tiles, so B_k is staged once per row-block k it meets rather than per tile.
+// Shared rows are padded by 8 elements: with r = 64 unpadded, the 8 rows a fragment load
+// touches would fall in the same banks. W and W' 16-byte aligned (the launcher checks).
+constexpr int kMmaRows = 16;  // rows of a warp's A fragment (m16n8k16)
+constexpr int kMmaCols = 8;   // columns of an mma's output
+constexpr int kMmaDepth = 16;
+constexpr int kTilePad = 8;
+
+// r is a template argument, so that the fragment loops unroll and A stays in registers.
+template <int r, typename scalar_t = BFloat16>
+MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, gptr<const float> block, int64_t out_rows,
+                                          int64_t in, gptr<scalar_t> result) {
+  constexpr int ld = r + kTilePad;
+  MISS_SHARED_ARRAY(scalar_t, w_tile, r * ld);  // [a][c], row stride ld
+  MISS_SHARED_ARRAY(scalar_t, b_hi, r * ld);    // B_k transposed: [c][d]
+  MISS_SHARED_ARRAY(scalar_t, b_lo, r * ld);
+  MISS_SHARED_ARRAY(float, b_tile, r * r);      // B_k as given: [a][c]
+  const int64_t tiles_per_row = in / r, tiles = (out_rows / r) * tiles_per_row;
+  const int64_t per_block = (tiles + gridDim.x - 1) / gridDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * per_block, last = std::min(tiles, first + per_block);
+  const int64_t lane = threadIdx.x % 32, group = lane / 4, pair = (lane % 4) * 2;
+  const int64_t row0 = (threadIdx.x / 32) * kMmaRows;  // this warp's rows of the tile
+  int64_t staged_k = -1;
+  for (int64_t tile = first; tile < last; ++tile) {
+    const int64_t k = tile / tiles_per_row, j = tile % tiles_per_row;
+    if (k != staged_k) {  // the same for every thread of the block
+      for (int64_t e = threadIdx.x; e < r * r; e += blockDim.x) {
+        const float v = block[k * r * r + e];
+        const scalar_t hi = static_cast<scalar_t>(v);
+        const int64_t transposed = (e % r) * ld + e / r;
+        b_tile[e] = v;
+        b_hi[transposed] = hi;
+        b_lo[transposed] = static_cast<scalar_t>(v - static_cast<float>(hi));
+      }
+      staged_k = k;
+    }
+    const gptr<const scalar_t> w = weight + (k * r) * in + j * r;  // row a of the tile: w + a * in
+    for (int64_t e = threadIdx.x * 8; e < r * r; e += blockDim.x * 8) {
+      device::store_pack<8>(w_tile + (e / r) * ld + e % r, device::load_pack<8>(w + (e / r) * in + e % r));
+    }
+    MISS_SYNC_THREADS();
+    uint32_t a[r / kMmaDepth][4];
+    for (int s = 0; s < r / kMmaDepth; ++s) {
+      const gptr<scalar_t> top = w_tile + (row0 + group) * ld + s * kMmaDepth + pair;
+      a[s][0] = device::load_bits32(top);
+      a[s][1] = device::load_bits32(top + 8 * ld);
+      a[s][2] = device::load_bits32(top + 8);
+      a[s][3] = device::load_bits32(top + 8 * ld + 8);
+    }
+    const gptr<scalar_t> out = result + (k * r) * in + j * r;
+    for (int c0 = 0; c0 < r; c0 += kMmaCols) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int s = 0; s < r / kMmaDepth; ++s) {
+        const int64_t at = (c0 + group) * ld + s * kMmaDepth + pair;
+        const uint32_t lo[2] = {device::load_bits32(b_lo + at), device::load_bits32(b_lo + at + 8)};
+        const uint32_t hi[2] = {device::load_bits32(b_hi + at), device::load_bits32(b_hi + at + 8)};
+        device::mma_m16n8k16_bf16(a[s], lo, acc);
+        device::mma_m16n8k16_bf16(a[s], hi, acc);
+      }
+      for (int64_t half = 0; half < 2; ++half) {  // rows group and group + 8 of the warp's 16
+        const int64_t row = row0 + group + 8 * half, col = c0 + pair;
+        device::Pack<scalar_t, 2> pack;
+        for (int64_t i = 0; i < 2; ++i) {
+          const float w_value = static_cast<float>(w_tile[row * ld + col + i]);
+          pack.v[i] = static_cast<scalar_t>(acc[2 * half + i] + w_value + b_tile[row * r + col + i]);
+        }
+        device::store_pack<2>(out + row * in + col, pack);
+      }
+    }
+    MISS_SYNC_THREADS();  // the next tile overwrites the staged one (and B_k, at a new k)
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <int kRank>
+void launch_bat_transform_mma(unsigned int grid, gptr<const BFloat16> w, gptr<const float> b, int64_t rows,
+                              int64_t in, gptr<BFloat16> res) {
+  MISS_LAUNCH(bat_transform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, b, rows, in, res);
+}
+
 }  // namespace
 
 void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
@@ -71,6 +161,21 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
   MISS_DEVICE_GUARD(weight);
   const int64_t tiles = (rows / r) * (in / r);
   const unsigned int grid = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, 32 * device::sm_count())));
+  static_assert(kBatMaxRank == 64, "one mma kernel per multiple of 16 up to kBatMaxRank");
+  if (weight.scalar_type() == kBFloat16 && r % kMmaDepth == 0 && aligned16(weight.const_data_ptr()) &&
+      aligned16(out.const_data_ptr()) && device::has_mma()) {
+    const auto w = device::input<BFloat16>(weight, "weight");
+    const auto b = device::input<float>(block_acc, "block");
+    const auto res = weight.const_data_ptr() == out.const_data_ptr() ? device::inout<BFloat16>(out, "out")
+                                                                     : device::output<BFloat16>(out, "out");
+    switch (r) {
+      case 16: launch_bat_transform_mma<16>(grid, w, b, rows, in, res); break;
+      case 32: launch_bat_transform_mma<32>(grid, w, b, rows, in, res); break;
+      case 48: launch_bat_transform_mma<48>(grid, w, b, rows, in, res); break;
+      default: launch_bat_transform_mma<64>(grid, w, b, rows, in, res); break;
+    }
+    return;
+  }
   const unsigned int threads = static_cast<unsigned int>((r / kBatPiece) * (r / kBatPiece));
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_bat_transform_cuda", [&] {
     if constexpr (std::is_same_v<opmath_t<scalar_t>, float>) {

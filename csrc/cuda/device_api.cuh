@@ -67,6 +67,26 @@ MISS_DEVICE bool is_null(const T* p) { return p == nullptr; }
 MISS_DEVICE void note_philox_call() {}
 MISS_DEVICE void note_fmas(uint64_t) {}
 MISS_DEVICE bool is_finite(double v) { return isfinite(v); }
+// Two 16-bit elements p[0], p[1] as one 32-bit register (p[0] in the low half), the form
+// tensor-core fragments take. p must be 4-byte aligned.
+template <typename T>
+MISS_DEVICE uint32_t load_bits32(const T* p) {
+  static_assert(sizeof(T) == 2, "two 16-bit elements to a register");
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+// c = A B + c on tensor cores, one warp: emulator.h mma_m16n8k16_bf16 gives the fragments.
+// Launchers choose kernels that use it only where has_mma() (compute capability 8.0 on).
+MISS_DEVICE void mma_m16n8k16_bf16(const uint32_t (&a)[4], const uint32_t (&b)[2], float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
 
 inline int current_device() {
   int device = 0;
@@ -84,6 +104,20 @@ inline int sm_count() {
     if (device < kCachedDevices) cached[device].store(count, std::memory_order_relaxed);
   }
   return count;
+}
+// Whether the current device has the bf16 mma.sync of compute capability 8.0, read once per device.
+inline bool has_mma() {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int> cached[kCachedDevices] = {};  // 0 unknown, 1 no, 2 yes
+  const int device = current_device();
+  int known = device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (known == 0) {
+    int major = 0;
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    known = major >= 8 ? 2 : 1;
+    if (device < kCachedDevices) cached[device].store(known, std::memory_order_relaxed);
+  }
+  return known == 2;
 }
 // torch's current stream on the current device: our kernels are ordered with its GEMMs.
 inline cudaStream_t current_stream() {
@@ -181,6 +215,18 @@ inline void atomic_store(gptr<int> p, int value) {
 inline bool is_finite(double v) { return std::isfinite(v); }
 inline void note_philox_call() { emu::note_philox_call(); }
 inline void note_fmas(uint64_t count) { emu::note_fmas(count); }
+template <typename T>
+uint32_t load_bits32(gptr<T> p) {
+  static_assert(sizeof(T) == 2, "two 16-bit elements to a register");
+  const Pack<std::remove_const_t<T>, 2> pack = load_pack<2>(p);
+  uint32_t bits = 0;
+  std::memcpy(&bits, &pack, sizeof(bits));
+  return bits;
+}
+inline void mma_m16n8k16_bf16(const uint32_t (&a)[4], const uint32_t (&b)[2], float (&c)[4]) {
+  emu::mma_m16n8k16_bf16(a, b, c);
+}
+inline bool has_mma() { return true; }  // the emulator has every instruction the kernels use
 template <typename T>
 bool is_null(gptr<T> p) { return p.raw() == nullptr; }
 

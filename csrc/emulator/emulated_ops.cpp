@@ -6,7 +6,8 @@
 // and with the float64 reference (tests/test_emulated_cuda.py).
 //
 // Also here: configure(seed, detect_races, sm_count, preempt), launch_log(clear) and
-// planted_bug(out, kind), kernels with a known bug that prove the checks can fail.
+// planted_bug(out, kind), kernels with a known bug that prove the checks can fail, and
+// mma_probe(a, b), the emulated tensor-core instruction against the ISA's fragment layout.
 #include <torch/csrc/stable/library.h>
 
 #include <string>
@@ -67,6 +68,7 @@ std::vector<std::string> launch_log(bool clear) {
 bool emulating_cuda() { return emulating; }
 
 void planted_bug(Tensor& out, const std::string& kind);  // planted_bugs.cpp
+Tensor mma_probe(const Tensor& a, const Tensor& b);        // mma_probe.cpp
 
 }  // namespace miss
 
@@ -75,6 +77,7 @@ STABLE_TORCH_LIBRARY(miss_emulated_cuda, m) {
   m.def("configure(int seed=0, bool detect_races=True, int sm_count=4, float preempt=0.125) -> ()");
   m.def("launch_log(bool clear=False) -> str[]");
   m.def("planted_bug(Tensor(a!) out, str kind) -> ()");
+  m.def("mma_probe(Tensor a, Tensor b) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(miss_emulated_cuda, CPU, m) {
@@ -82,6 +85,7 @@ STABLE_TORCH_LIBRARY_IMPL(miss_emulated_cuda, CPU, m) {
   MISS_FOR_EACH_OP(MISS_IMPL_EMULATED_OP)
 #undef MISS_IMPL_EMULATED_OP
   m.impl("planted_bug", TORCH_BOX(&miss::planted_bug));
+  m.impl("mma_probe", TORCH_BOX(&miss::mma_probe));
 }
 
 // No tensor arguments, so no backend key to dispatch on: the composite key serves every

@@ -7,6 +7,8 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <random>
@@ -47,7 +49,7 @@ struct Shadow {
   Actor writer, reader1, reader2;
 };
 
-enum class FiberState { kRunnable, kAtBarrier, kDone };
+enum class FiberState { kRunnable, kAtBarrier, kAtWarpSync, kDone };
 
 struct Fiber {
   ucontext_t context;
@@ -57,6 +59,13 @@ struct Fiber {
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr int64_t kWarpSize = 32;
+
+// The fragments the lanes of one warp hand to a warp-wide mma.
+struct WarpExchange {
+  uint32_t a[kWarpSize][4];
+  uint32_t b[kWarpSize][2];
+};
 
 struct Launch {
   bool running = false;
@@ -73,6 +82,8 @@ struct Launch {
   uint64_t launches = 0;
   uint64_t philox_calls = 0;  // of the running launch
   uint64_t fma_count = 0;     // float fused multiply-adds the running launch declared
+  uint64_t mma_count = 0;     // warp-wide m16n8k16 products of the running launch
+  std::vector<WarpExchange> warps;  // of the running block
   const std::function<void()>* body = nullptr;
 };
 
@@ -152,6 +163,29 @@ void fiber_main() {
   state.fibers[state.running_fiber].state = FiberState::kDone;
 }  // returns into state.scheduler (uc_link)
 
+// Makes runnable the lanes of every warp whose lanes all wait at a warp-wide instruction.
+void release_complete_warps(int64_t threads) {
+  for (int64_t first = 0; first < threads; first += kWarpSize) {
+    const int64_t last = std::min(threads, first + kWarpSize);
+    bool all = true;
+    for (int64_t t = first; t < last && all; ++t) all = state.fibers[t].state == FiberState::kAtWarpSync;
+    if (!all) continue;
+    for (int64_t t = first; t < last; ++t) state.fibers[t].state = FiberState::kRunnable;
+  }
+}
+
+void wait_for_warp() {
+  state.fibers[state.running_fiber].state = FiberState::kAtWarpSync;
+  yield();
+}
+
+float bf16_bits_to_float(uint32_t bits) {
+  const uint32_t wide = (bits & 0xFFFFu) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
 void run_block(int64_t block_id, Dim3 grid, Dim3 block) {
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
   state.block = block_id;
@@ -159,6 +193,7 @@ void run_block(int64_t block_id, Dim3 grid, Dim3 block) {
   state.shared.clear();
   state.shared_storage.clear();
   state.shared_shadow.clear();
+  state.warps.assign((threads + kWarpSize - 1) / kWarpSize, WarpExchange{});
   for (int64_t t = 0; t < threads; ++t) {
     Fiber& f = state.fibers[t];
     f.built_ins = ThreadContext{unlinear(t, block), unlinear(block_id, grid), block, grid};
@@ -171,15 +206,25 @@ void run_block(int64_t block_id, Dim3 grid, Dim3 block) {
   }
   std::vector<int> runnable;
   while (true) {
+    release_complete_warps(threads);
     runnable.clear();
-    int64_t at_barrier = 0, done = 0;
+    int64_t at_barrier = 0, at_warp_sync = 0, done = 0;
     for (int64_t t = 0; t < threads; ++t) {
       const FiberState s = state.fibers[t].state;
       if (s == FiberState::kRunnable) runnable.push_back(static_cast<int>(t));
       at_barrier += s == FiberState::kAtBarrier;
+      at_warp_sync += s == FiberState::kAtWarpSync;
       done += s == FiberState::kDone;
     }
     if (runnable.empty()) {
+      if (at_warp_sync > 0) {  // a warp-wide instruction that part of the warp never reaches
+        std::ostringstream text;
+        text << "warp divergence in block " << block_id << ": " << at_warp_sync << " lanes wait at mma.sync while "
+             << "the other lanes of their warp have exited (" << done << " threads) or wait at __syncthreads ("
+             << at_barrier << ")";
+        fail(text.str());
+        return;
+      }
       if (at_barrier == 0) return;
       if (done > 0) {  // __syncthreads in code that not every thread reaches: a hang on a GPU
         std::ostringstream text;
@@ -310,6 +355,40 @@ void sync_threads() {
   yield();
 }
 
+void mma_m16n8k16_bf16(const uint32_t a[4], const uint32_t b[2], float c[4]) {
+  MISS_CHECK(state.running_fiber >= 0, "miss emulator: mma.sync outside a kernel");
+  const ThreadContext& me = current();
+  const int64_t threads = static_cast<int64_t>(me.blockDim.x) * me.blockDim.y * me.blockDim.z;
+  const int64_t id = thread_id(), warp = id / kWarpSize, lane = id % kWarpSize;
+  if ((warp + 1) * kWarpSize > threads) {
+    fail("mma.sync in a warp of " + std::to_string(threads - warp * kWarpSize) + " threads (block of " +
+         std::to_string(threads) + "): the instruction needs all 32 lanes");
+    return;
+  }
+  WarpExchange& exchange = state.warps[warp];
+  std::copy(a, a + 4, exchange.a[lane]);
+  std::copy(b, b + 2, exchange.b[lane]);
+  wait_for_warp();  // every lane's fragments are in
+  // Element (row, k) of A and (k, col) of B, from the lane and register the PTX ISA puts them in.
+  auto a_at = [&](int64_t row, int64_t k) {
+    const int64_t holder = (row % 8) * 4 + (k % 8) / 2, reg = (row / 8) + 2 * (k / 8);
+    return bf16_bits_to_float(exchange.a[holder][reg] >> (16 * (k % 2)));
+  };
+  auto b_at = [&](int64_t k, int64_t col) {
+    return bf16_bits_to_float(exchange.b[col * 4 + (k % 8) / 2][k / 8] >> (16 * (k % 2)));
+  };
+  float d[4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = lane / 4 + 8 * (i / 2), col = (lane % 4) * 2 + i % 2;
+    float acc = c[i];
+    for (int64_t k = 0; k < 16; ++k) acc = std::fma(a_at(row, k), b_at(k, col), acc);
+    d[i] = acc;
+  }
+  wait_for_warp();  // every lane has read the fragments before any lane hands in the next ones
+  std::copy(d, d + 4, c);
+  if (lane == 0) ++state.mma_count;
+}
+
 void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void()>& body) {
   MISS_CHECK(!state.running, "miss emulator: a launch inside a kernel");
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
@@ -332,6 +411,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   state.running = true;
   state.philox_calls = 0;
   state.fma_count = 0;
+  state.mma_count = 0;
   state.kernel = kernel;
   state.error.clear();
   state.shadow.clear();
@@ -353,6 +433,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   state.running = false;
   if (state.philox_calls) launch_log().back() += " philox=" + std::to_string(state.philox_calls);
   if (state.fma_count) launch_log().back() += " fma=" + std::to_string(state.fma_count);
+  if (state.mma_count) launch_log().back() += " mma=" + std::to_string(state.mma_count);
   state.buffers.clear();
   state.shared.clear();
   state.shared_storage.clear();

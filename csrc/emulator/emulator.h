@@ -50,8 +50,8 @@ struct Config {
 Config& config();
 
 // One line per launch since the last clear: "kernel grid=(x,y,z) block=(x,y,z)" and then
-// "name:role:bytes" for each buffer it was given (role in, out or inout), then "philox=N"
-// and "fma=N" when the kernel counted any.
+// "name:role:bytes" for each buffer it was given (role in, out or inout), then "philox=N",
+// "fma=N" and "mma=N" (warp-wide m16n8k16 tensor-core products) when the kernel counted any.
 std::vector<std::string>& launch_log();
 
 // Declares a buffer the next launch may access: [base, base + bytes), elements of
@@ -77,6 +77,15 @@ void note_fmas(uint64_t count);
 void* shared_array(const char* name, size_t bytes, size_t element_size);
 
 void sync_threads();
+
+// One lane's share of the warp-wide mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32:
+// c = A B + c for a 16x16 A and a 16x8 B in bfloat16, two to a 32-bit register, and float32 c,
+// each lane holding the fragment the PTX ISA assigns it ("Matrix Fragments for mma.m16n8k16
+// with floating point type"). All 32 lanes of the warp (32 consecutive linear thread ids)
+// must call it together, as on the hardware; lanes that do not are reported as warp
+// divergence. The exchange of fragments orders no memory: the race checks do not count it
+// as a barrier (nor does the hardware). The launch log counts these as mma=N.
+void mma_m16n8k16_bf16(const uint32_t a[4], const uint32_t b[2], float c[4]);
 
 // Runs `body` once per thread of a grid x block launch and then raises the first problem
 // found, if any. The buffers registered since the previous launch belong to this one.

@@ -54,6 +54,23 @@ MISS_GLOBAL void misaligned_kernel(gptr<float> out) {
   out[threadIdx.x] = pack.v[0];
 }
 
+// Half a warp reaches a warp-wide mma.sync, the other half exits: a hang on a GPU.
+MISS_GLOBAL void mma_divergence_kernel(gptr<float> out) {
+  out[threadIdx.x] = 1.0f;
+  if (threadIdx.x % 32 >= 16) return;
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  device::mma_m16n8k16_bf16(a, b, c);
+}
+
+// A block of 48 threads: its second warp has 16 lanes, too few for mma.sync.
+MISS_GLOBAL void mma_partial_warp_kernel(gptr<float> out) {
+  const uint32_t a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  device::mma_m16n8k16_bf16(a, b, c);
+  out[threadIdx.x] = c[0];
+}
+
 }  // namespace
 
 void planted_bug(Tensor& out, const std::string& kind) {
@@ -82,6 +99,10 @@ void planted_bug(Tensor& out, const std::string& kind) {
     MISS_LAUNCH(divergent_barrier_kernel, 1, 256, p);
   } else if (kind == "misaligned") {
     MISS_LAUNCH(misaligned_kernel, 1, 256, p);
+  } else if (kind == "mma_divergence") {
+    MISS_LAUNCH(mma_divergence_kernel, 1, 64, p);
+  } else if (kind == "mma_partial_warp") {
+    MISS_LAUNCH(mma_partial_warp_kernel, 1, 48, p);
   } else {
     MISS_CHECK(false, "miss_emulated_cuda.planted_bug: unknown kind '", kind, "'");
   }
