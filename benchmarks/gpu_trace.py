@@ -89,9 +89,15 @@ def _events(prof):
     return events
 
 
+# ATen GEMMs, cuBLAS calls on a GPU: like a stand-in, only what outlives one counts toward the
+# peak. On the CPU a bf16 GEMM makes float32 copies of its operands (a weight-sized temporary
+# for a Linear); cuBLAS works in the workspace torch allocates once per handle.
+CUBLAS_CALLS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
+
+
 def _memory_peak(prof, stand_in_ranges) -> int:
-    """Peak of live bytes the step allocated. Inside a stand-in only what outlives it counts:
-    its float32 copies are the CPU's, cuBLAS makes none."""
+    """Peak of live bytes the step allocated. Inside a stand-in (or an ATen GEMM) only what
+    outlives it counts: its float32 copies are the CPU's, cuBLAS makes none."""
     records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     inside = [any(a <= t <= b for a, b in stand_in_ranges) for t, _ in records]
@@ -124,18 +130,25 @@ def _is_autograd_node(name: str) -> bool:
     return name.rstrip("0123456789").endswith("Backward") or name.startswith("torch::autograd::")
 
 
-def dimension_map(probe: Shape, scale: int) -> dict:
-    """Probe dimension -> its factor to the target. Dimensions that scale: N, in, out, r, the
-    2r and 3r of the bf16 pieces (csrc/ops/gemm.h), the rows of bat's G slabs (bf16 x: N / 16
-    rounded down to whole r-row blocks, csrc/ops/bat_ops.cpp g_slab_rows) and mini_r. Dimensions that do not: out / r,
-    in / r, out / mini_r, the 3 pieces and the 8 blocks of a slab. A probe where a dimension of
-    one kind equals one of the other would be read wrongly: refused."""
+def dimension_map(probe: Shape, scale: int, variant: str = "") -> dict:
+    """Probe dimension -> its factor to the target. Dimensions that scale: N, in, out, r and the
+    2r and 3r of the bf16 pieces (csrc/ops/gemm.h); for variant "mini" also mini_r (out /
+    mini_r does not); for "bat" bat's slabs (csrc/ops/bat_ops.cpp slab_lines, 1/8 of a bf16 x's
+    bytes in whole r blocks: G's N in / (16 out) columns, W''s N / 8 rows and N in / (8 out)
+    columns). Dimensions that do not: out / r, in / r, the 3 pieces. A probe where a dimension
+    of one kind equals one of the other would be read wrongly: refused."""
     if scale == 1:
         return {}
-    slab_rows = max(probe.r, probe.tokens // 16 // probe.r * probe.r)
-    scaling = {probe.tokens, probe.in_features, probe.out_features, probe.r, 2 * probe.r, 3 * probe.r,
-               slab_rows, probe.mini_r}
-    fixed = {probe.out_features // probe.r, probe.in_features // probe.r, probe.out_features // probe.mini_r, 3, 8, 1}
+    scaling = {probe.tokens, probe.in_features, probe.out_features, probe.r, 2 * probe.r, 3 * probe.r}
+    fixed = {probe.out_features // probe.r, probe.in_features // probe.r, 3, 1}
+    if variant == "mini":
+        scaling.add(probe.mini_r)
+        fixed.add(probe.out_features // probe.mini_r)
+    if variant == "bat":
+        def whole_blocks(lines):
+            return max(probe.r, lines // probe.r * probe.r)
+        n_in_per_out = probe.tokens * probe.in_features // probe.out_features
+        scaling |= {whole_blocks(n_in_per_out // 16), whole_blocks(probe.tokens // 8), whole_blocks(n_in_per_out // 8)}
     clash = scaling & fixed
     if clash:
         raise ValueError(f"probe {probe} (scale {scale}) makes dimensions {sorted(clash)} ambiguous: choose another scale")
@@ -143,7 +156,7 @@ def dimension_map(probe: Shape, scale: int) -> dict:
 
 
 def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[Tuple[str, ...]] = None,
-           launch_log: Optional[Callable[[], List[str]]] = None) -> Trace:
+           launch_log: Optional[Callable[[], List[str]]] = None, variant: str = "") -> Trace:
     """Runs `step` under the profiler and returns what it issues, scaled to the target shape.
     `roots`: names of the ops whose insides are recorded (our ops); None: every top-level call."""
     if launch_log is not None:
@@ -152,7 +165,7 @@ def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[T
         step()
     launches = [line.split() for line in launch_log()] if launch_log is not None else []
     events = _events(prof)
-    dims = dimension_map(probe, scale)
+    dims = dimension_map(probe, scale, variant)
 
     def scaled(shape):
         return tuple(d * dims.get(d, 1) for d in shape)
@@ -195,7 +208,7 @@ def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[T
                     calls.append(Call(name[len(STAND_IN):] if name.startswith(STAND_IN) else name,
                                       [scaled(s) for s in shapes], dtypes, [], phase))
                     skip_until = end  # priced as one GPU call, whatever the CPU does inside
-                    if name.startswith(STAND_IN):
+                    if name.startswith(STAND_IN) or name in CUBLAS_CALLS:
                         stand_ins.append((start, end))
         stack.append((name, end, index))
     assert not launches, f"launches without a profiler range: {launches}"

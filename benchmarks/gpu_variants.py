@@ -97,13 +97,13 @@ def record_all(target: gpu_trace.Shape, scale: int) -> Dict[str, gpu_trace.Trace
     for name, variant, p in (("miss_ext standard", "standard", 0.0), ("miss_ext standard dropout 0.1", "standard", 0.1),
                              ("miss_ext mini", "mini", 0.0), ("miss_ext bat", "bat", 0.0)):
         step, roots = _ours(variant, probe, p)
-        traces[name] = gpu_trace.record(step, probe, scale, roots, log)
+        traces[name] = gpu_trace.record(step, probe, scale, roots, log, variant)
     miss = dict(r=probe.r, target_modules=["proj"])
     traces["PEFT MiSS standard"] = gpu_trace.record(_peft(peft.MissConfig(**miss), probe), probe, scale)
     traces["PEFT MiSS standard dropout 0.1"] = gpu_trace.record(
         _peft(peft.MissConfig(**miss, miss_dropout=0.1), probe), probe, scale)
     traces["PEFT MiSS mini"] = gpu_trace.record(
-        _peft(peft.MissConfig(**miss, init_weights="mini", mini_r=probe.mini_r), probe), probe, scale)
+        _peft(peft.MissConfig(**miss, init_weights="mini", mini_r=probe.mini_r), probe), probe, scale, variant="mini")
     traces["PEFT MiSS bat"] = gpu_trace.record(_peft(peft.MissConfig(**miss, init_weights="bat"), probe), probe, scale)
     traces["PEFT LoRA"] = gpu_trace.record(
         _peft(peft.LoraConfig(r=probe.r, lora_alpha=2 * probe.r, target_modules=["proj"]), probe), probe, scale)

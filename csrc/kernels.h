@@ -44,8 +44,15 @@ struct PiecePattern {
   /* y[n, o] = v[n, o % m] (+ bias[o]), y only written; y [N, out] contiguous; v [N, m] acc */  \
   void write_out_tiled(Tensor& y, const Tensor& v, const OptTensor& bias);                    \
   /* out = W + W B_k + B_k per r x r tile (bat), float32 math, out in W's dtype (may be W); */ \
-  /* W float32/16-bit, contiguous; block_acc [out / r, r, r] float32; bat_transform_fits(r) */  \
-  void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out);
+  /* W float32/16-bit [rows, cols] with unit column stride (a column slab of a weight), out */ \
+  /* contiguous; block_acc [rows / r, r, r] float32; bat_transform_fits(r) */                 \
+  void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out);            \
+  /* grad_block[k] (+)= sum_j (W_kj + I)^T G_kj on tensor cores (bat's dB from G = dW'): W */ \
+  /* bf16 and G float32 [rows, cols] with unit column stride (column slabs), grad_block */    \
+  /* [rows / r, r, r] float32 contiguous, added into when accumulate; ran = false (nothing */ \
+  /* done) where the kernel cannot run: the caller then uses its batched GEMMs */             \
+  void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate, \
+                          bool& ran);
 
 namespace miss {
 

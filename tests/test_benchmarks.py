@@ -66,7 +66,7 @@ def test_cpu_dtype_costs_tiny(tmp_path):
 
 def test_gpu_cost_model_tiny(tmp_path, capsys):
     """The cost model records every implementation and writes its predictions, labelled as
-    predictions; the scaled trace has the target's shapes (base GEMM, every row of bat's G);
+    predictions; the scaled trace has the target's shapes (base GEMM, every column of bat's G);
     given a GPU measurement (here a made-up bench_layer file) it prints both side by side."""
     pytest.importorskip("peft")
     import torch
@@ -90,6 +90,6 @@ def test_gpu_cost_model_tiny(tmp_path, capsys):
                          "miss_ext bat", "PEFT MiSS standard", "PEFT MiSS standard dropout 0.1", "PEFT MiSS mini",
                          "PEFT MiSS bat", "PEFT LoRA"}
     assert [c["shapes"] for c in h100["frozen Linear"]["calls"] if c["call"] == "aten::mm"][0] == [[1536, 768], [768, 768]]
-    g_rows = [c["shapes"][0][0] for c in h100["miss_ext bat"]["calls"] if c["call"] == "mm.dtype"]
-    assert sum(g_rows) == 768
+    g_columns = [c["shapes"][1][1] for c in h100["miss_ext bat"]["calls"] if c["call"] == "mm.dtype"]
+    assert sum(g_columns) == 768
     assert "PREDICTIONS (no GPU used)" in stem.with_suffix(".md").read_text()

@@ -107,27 +107,36 @@ def test_mini_step():
 
 @pytest.mark.parametrize("tokens", [512, 2048])
 def test_bat_step(tokens):
-    """Two transforms (forward, and again for dx); G in slabs of whole r-row blocks, each at
-    most 1/8 of x's bytes (8 slabs at in = out = N / 2, the benchmark's ratio)."""
+    """W' and G built a slab at a time, whole r blocks of at most 1/8 of x's bytes each (at in
+    = out = N / 2, the benchmark's ratio: W' in 4 slabs of rows, then of columns; G in 8 slabs
+    of columns): a GEMM per slab, no weight-sized temporary whole."""
     shape = gpu_trace.Shape(tokens, 256, 256, 16, 4)
     trace = recorded("bat", shape=shape)
-    # W' from one kernel that reads each tile of the bf16 W once and writes it once in bf16:
-    # no float32 copy of W or W' (the batched-GEMM form makes two). Its products run on tensor
-    # cores (r % 16 == 0), B_k as two bf16 pieces: 2 * r^3 / 2048 m16n8k16 products per tile
-    transform = ["bat_transform_mma_kernel<kRank>"]
-    assert names(trace, "forward") == transform + ["aten::mm"]
-    slabs = [c for c in trace.calls if c.name == "mm.dtype"]
     x_bytes = shape.tokens * shape.in_features * 2
-    for c in slabs:
-        rows = c.shapes[0][0]
-        assert rows % shape.r == 0 and rows * shape.in_features * 4 <= max(x_bytes // 8, shape.r * shape.in_features * 4)
-    assert sum(c.shapes[0][0] for c in slabs) == shape.out_features  # every row of G once
-    assert len(slabs) == {512: 8, 2048: 2}[tokens]
-    slab = ["mm.dtype", "aten::copy_", "aten::sum", "aten::baddbmm"]
-    assert names(trace, "backward") == transform + ["aten::mm"] + slab * len(slabs)
-    kernel = [c for c in trace.calls if c.name == transform[0]]
-    products = shape.out_features * shape.in_features * shape.r // (16 * 8 * 16)  # one piece of B
-    assert [(c.fmas, c.mmas) for c in kernel] == [(0, 2 * products)] * 2
+    slabs = {512: (4, 8), 2048: (1, 2)}[tokens]  # (of W', of G): never fewer than one r block
+    # W' per slab from one kernel that reads each tile of the bf16 W once and writes it once
+    # in bf16, its products on tensor cores (r % 16 == 0), B_k as two bf16 pieces:
+    # 2 * r^3 / 2048 m16n8k16 products per tile
+    transform = "bat_transform_mma_kernel<kRank>"
+    assert names(trace, "forward") == [transform, "aten::mm"] * slabs[0]
+    for c in trace.calls:
+        if c.name == "aten::mm":  # x or dy against a slab of W' (bf16)
+            w_slab = c.shapes[1]
+            assert w_slab[0] * w_slab[1] * 2 <= max(x_bytes // 8, shape.r * shape.in_features * 2), c
+    g_slabs = [c for c in trace.calls if c.name == "mm.dtype"]
+    for c in g_slabs:
+        cols = c.shapes[1][1]
+        assert cols % shape.r == 0 and shape.out_features * cols * 4 <= max(x_bytes // 8, shape.r * shape.out_features * 4)
+    assert sum(c.shapes[1][1] for c in g_slabs) == shape.in_features  # every column of G once
+    assert len(g_slabs) == slabs[1]
+    # dB per slab on tensor cores (G in three bf16 pieces), added into dB: no float32 copy of
+    # W, no reduction kernel, no partial sums
+    grad = ["mm.dtype", "bat_block_grad_mma_kernel<kRank>"]
+    assert names(trace, "backward") == [transform, "aten::mm"] * slabs[0] + grad * slabs[1]
+    products = shape.out_features * shape.in_features * shape.r // (16 * 8 * 16)  # one piece, whole W
+    kernels = [c for c in trace.calls if c.name == transform]
+    assert sum(c.fmas for c in kernels) == 0 and sum(c.mmas for c in kernels) == 2 * 2 * products
+    assert sum(c.mmas for c in trace.calls if c.name == grad[1]) == 3 * products
     assert activation_sized(trace, shape) == []
 
 

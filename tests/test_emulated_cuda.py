@@ -179,7 +179,9 @@ def test_every_kernel_runs_under_the_emulator():
     EMU.shard_linear_backward(rand(y16.shape, dtype=torch.bfloat16, gen=gen), fold16, weight.bfloat16(), block, 12,
                               0.0, None, None, [True, True])
     EMU.bat_weight(weight.bfloat16(), rand((2, 4, 4), gen=gen))  # bf16 bat, r % 16 != 0: bat_transform_kernel
-    EMU.bat_weight(rand((32, 48), dtype=torch.bfloat16, gen=gen), rand((2, 16, 16), gen=gen))  # r 16: on tensor cores
+    w16 = rand((32, 48), dtype=torch.bfloat16, gen=gen)
+    EMU.bat_weight(w16, rand((2, 16, 16), gen=gen))  # r 16: on tensor cores
+    EMU.bat_block_grad(rand((32, 48), gen=gen), w16, 16)  # dB on tensor cores
     launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
     launched_names = {name.split("<")[0] for name in launched}
     assert launched_names == kernels, f"not launched: {kernels - launched_names}"
@@ -289,6 +291,25 @@ def test_bat_transform_mma_kernel_stages_b_once_per_row_block(r):
     merged = weight.clone()
     EMU.merge_(merged, block, False)
     assert torch.equal(merged, emulated)
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_bat_block_grad_on_tensor_cores_sums_every_slab(r):
+    """dB of a bf16 W from G in column slabs (a slab of r columns at these sizes: 3 slabs,
+    the later ones added into what the first wrote), against the CPU and float64."""
+    gen = generator(47 + r)
+    out_features, in_features = 2 * r, 3 * r
+    x, weight = make_x((5,), in_features, dtype=torch.bfloat16, gen=gen), rand((out_features, in_features),
+                                                                            dtype=torch.bfloat16, gen=gen)
+    block, grad_out = bat_block(out_features, r, gen=gen), rand((5, out_features), dtype=torch.bfloat16, gen=gen)
+    EMU.launch_log(clear=True)
+    emulated = EMU.bat_linear_backward(grad_out, x, weight, block, [False, False, True])[2]
+    launched = [line.split()[0] for line in EMU.launch_log(clear=True)]
+    assert launched.count("bat_block_grad_mma_kernel<kRank>") == 3
+    cpu = CPU.bat_linear_backward(grad_out, x, weight, block, [False, False, True])[2]
+    oracle = CPU.bat_linear_backward(grad_out.double(), x.double(), weight.double(), block.double(),
+                                     [False, False, True])[2]
+    check(emulated, cpu, oracle, "grad_block")
 
 
 def test_bat_transform_kernel_reuses_its_shared_tile_safely():

@@ -16,6 +16,7 @@
 
 #include "../kernels.h"
 #include "device_api.cuh"
+#include "mma_tiles.cuh"
 
 namespace miss {
 namespace MISS_CUDA_NAMESPACE {
@@ -26,8 +27,8 @@ namespace {
 // pair of shared loads feeds two multiply-adds (a thread per element would need two loads
 // per multiply-add and be bound by shared-memory bandwidth). r % 4 == 0.
 template <typename scalar_t, typename acc_t = opmath_t<scalar_t>>
-MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, gptr<const acc_t> block, int64_t out_rows,
-                                      int64_t in, int64_t r, gptr<scalar_t> result) {
+MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, int64_t w_ld, gptr<const acc_t> block,
+                                      int64_t out_rows, int64_t in, int64_t r, gptr<scalar_t> result) {
   MISS_SHARED_ARRAY(acc_t, w_tile, kBatMaxRank * kBatMaxRank);
   MISS_SHARED_ARRAY(acc_t, b_tile, kBatMaxRank * kBatMaxRank);
   const int64_t tiles_per_row = in / r, tiles = (out_rows / r) * tiles_per_row;
@@ -35,9 +36,9 @@ MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, gptr<const ac
   const int64_t a0 = (threadIdx.x / pieces) * kBatPiece, c0 = (threadIdx.x % pieces) * kBatPiece;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t k = tile / tiles_per_row, j = tile % tiles_per_row;
-    const gptr<const scalar_t> w = weight + (k * r) * in + j * r;  // row a of the tile: w + a * in
+    const gptr<const scalar_t> w = weight + (k * r) * w_ld + j * r;  // row a of the tile: w + a * w_ld
     for (int64_t e = threadIdx.x; e < r * r; e += blockDim.x) {
-      w_tile[e] = static_cast<acc_t>(w[(e / r) * in + e % r]);
+      w_tile[e] = static_cast<acc_t>(w[(e / r) * w_ld + e % r]);
       b_tile[e] = block[k * r * r + e];
     }
     MISS_SYNC_THREADS();
@@ -71,17 +72,11 @@ MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, gptr<const ac
 // (2^-9 |W'|). Warp w of the r / 16 warps computes rows 16w .. 16w + 15 of the tile, 8 columns
 // at a time; its A fragments (W's rows) are loaded once per tile. Each block takes a run of
 // consecutive tiles, so B_k is staged once per row-block k it meets rather than per tile.
-// Shared rows are padded by 8 elements: with r = 64 unpadded, the 8 rows a fragment load
-// touches would fall in the same banks. W and W' 16-byte aligned (the launcher checks).
-constexpr int kMmaRows = 16;  // rows of a warp's A fragment (m16n8k16)
-constexpr int kMmaCols = 8;   // columns of an mma's output
-constexpr int kMmaDepth = 16;
-constexpr int kTilePad = 8;
-
-// r is a template argument, so that the fragment loops unroll and A stays in registers.
+// Shared rows are padded (mma_tiles.cuh). W's rows and W' 16-byte aligned (the launcher
+// checks). r is a template argument, so that the fragment loops unroll and A stays in registers.
 template <int r, typename scalar_t = BFloat16>
-MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, gptr<const float> block, int64_t out_rows,
-                                          int64_t in, gptr<scalar_t> result) {
+MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, int64_t w_ld, gptr<const float> block,
+                                          int64_t out_rows, int64_t in, gptr<scalar_t> result) {
   constexpr int ld = r + kTilePad;
   MISS_SHARED_ARRAY(scalar_t, w_tile, r * ld);  // [a][c], row stride ld
   MISS_SHARED_ARRAY(scalar_t, b_hi, r * ld);    // B_k transposed: [c][d]
@@ -106,9 +101,9 @@ MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, gptr<cons
       }
       staged_k = k;
     }
-    const gptr<const scalar_t> w = weight + (k * r) * in + j * r;  // row a of the tile: w + a * in
+    const gptr<const scalar_t> w = weight + (k * r) * w_ld + j * r;  // row a of the tile: w + a * w_ld
     for (int64_t e = threadIdx.x * 8; e < r * r; e += blockDim.x * 8) {
-      device::store_pack<8>(w_tile + (e / r) * ld + e % r, device::load_pack<8>(w + (e / r) * in + e % r));
+      device::store_pack<8>(w_tile + (e / r) * ld + e % r, device::load_pack<8>(w + (e / r) * w_ld + e % r));
     }
     MISS_SYNC_THREADS();
     uint32_t a[r / kMmaDepth][4];
@@ -143,36 +138,34 @@ MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, gptr<cons
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <int kRank>
-void launch_bat_transform_mma(unsigned int grid, gptr<const BFloat16> w, gptr<const float> b, int64_t rows,
-                              int64_t in, gptr<BFloat16> res) {
-  MISS_LAUNCH(bat_transform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, b, rows, in, res);
+void launch_bat_transform_mma(unsigned int grid, gptr<const BFloat16> w, int64_t w_ld, gptr<const float> b,
+                              int64_t rows, int64_t in, gptr<BFloat16> res) {
+  MISS_LAUNCH(bat_transform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, w_ld, b, rows, in, res);
 }
 
 }  // namespace
 
 void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
-  const int64_t rows = weight.size(0), in = weight.size(1), r = block_acc.size(-1);
+  const int64_t rows = weight.size(0), in = weight.size(1), r = block_acc.size(-1), w_ld = weight.stride(0);
   if (weight.numel() == 0) return;
-  MISS_INTERNAL_ASSERT(bat_transform_fits(r) && weight.is_contiguous() && out.is_contiguous() &&
+  MISS_INTERNAL_ASSERT(bat_transform_fits(r) && weight.stride(1) == 1 && w_ld >= in && out.is_contiguous() &&
                        block_acc.scalar_type() == kFloat);
   MISS_DEVICE_GUARD(weight);
   const int64_t tiles = (rows / r) * (in / r);
   const unsigned int grid = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, 32 * device::sm_count())));
   static_assert(kBatMaxRank == 64, "one mma kernel per multiple of 16 up to kBatMaxRank");
   if (weight.scalar_type() == kBFloat16 && r % kMmaDepth == 0 && aligned16(weight.const_data_ptr()) &&
-      aligned16(out.const_data_ptr()) && device::has_mma()) {
+      w_ld % 8 == 0 && aligned16(out.const_data_ptr()) && device::has_mma()) {
     const auto w = device::input<BFloat16>(weight, "weight");
     const auto b = device::input<float>(block_acc, "block");
     const auto res = weight.const_data_ptr() == out.const_data_ptr() ? device::inout<BFloat16>(out, "out")
                                                                      : device::output<BFloat16>(out, "out");
     switch (r) {
-      case 16: launch_bat_transform_mma<16>(grid, w, b, rows, in, res); break;
-      case 32: launch_bat_transform_mma<32>(grid, w, b, rows, in, res); break;
-      case 48: launch_bat_transform_mma<48>(grid, w, b, rows, in, res); break;
-      default: launch_bat_transform_mma<64>(grid, w, b, rows, in, res); break;
+      case 16: launch_bat_transform_mma<16>(grid, w, w_ld, b, rows, in, res); break;
+      case 32: launch_bat_transform_mma<32>(grid, w, w_ld, b, rows, in, res); break;
+      case 48: launch_bat_transform_mma<48>(grid, w, w_ld, b, rows, in, res); break;
+      default: launch_bat_transform_mma<64>(grid, w, w_ld, b, rows, in, res); break;
     }
     return;
   }
@@ -183,7 +176,7 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
       const auto b = device::input<float>(block_acc, "block");
       const auto res = weight.const_data_ptr() == out.const_data_ptr() ? device::inout<scalar_t>(out, "out")
                                                                        : device::output<scalar_t>(out, "out");
-      MISS_LAUNCH(bat_transform_kernel<scalar_t>, grid, threads, w, b, rows, in, r, res);
+      MISS_LAUNCH(bat_transform_kernel<scalar_t>, grid, threads, w, w_ld, b, rows, in, r, res);
     } else {
       MISS_CHECK(false, "miss: bat_transform takes float32/float16/bfloat16 weights, got ", weight.scalar_type());
     }

@@ -240,19 +240,25 @@ inline size_t extent_bytes(const Tensor& t) {
   return static_cast<size_t>(last + 1) * t.element_size();
 }
 
+// The bytes a kernel streams through for t (the cost model's traffic): its elements', or its
+// extent's where elements share memory (an expanded tensor).
+inline size_t data_bytes(const Tensor& t) {
+  return std::min(static_cast<size_t>(t.numel()) * t.element_size(), extent_bytes(t));
+}
+
 template <typename T>
 gptr<const T> input(const Tensor& t, const char* name) {
-  emu::register_buffer(t.const_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInput, name);
+  emu::register_buffer(t.const_data_ptr<T>(), extent_bytes(t), data_bytes(t), sizeof(T), emu::Role::kInput, name);
   return gptr<const T>(t.const_data_ptr<T>());
 }
 template <typename T>
 gptr<T> output(Tensor& t, const char* name) {
-  emu::register_buffer(t.mutable_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kOutput, name);
+  emu::register_buffer(t.mutable_data_ptr<T>(), extent_bytes(t), data_bytes(t), sizeof(T), emu::Role::kOutput, name);
   return gptr<T>(t.mutable_data_ptr<T>());
 }
 template <typename T>
 gptr<T> inout(Tensor& t, const char* name) {
-  emu::register_buffer(t.mutable_data_ptr<T>(), extent_bytes(t), sizeof(T), emu::Role::kInOut, name);
+  emu::register_buffer(t.mutable_data_ptr<T>(), extent_bytes(t), data_bytes(t), sizeof(T), emu::Role::kInOut, name);
   return gptr<T>(t.mutable_data_ptr<T>());
 }
 

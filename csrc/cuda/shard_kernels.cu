@@ -3,3 +3,4 @@
 #define MISS_CUDA_NAMESPACE cuda
 #include "shard_kernels.cuh"
 #include "bat_kernels.cuh"
+#include "bat_grad_kernels.cuh"

@@ -4,3 +4,4 @@
 #define MISS_CUDA_NAMESPACE emulated_cuda
 #include "../cuda/shard_kernels.cuh"
 #include "../cuda/bat_kernels.cuh"
+#include "../cuda/bat_grad_kernels.cuh"

@@ -21,7 +21,7 @@ namespace {
 
 struct Buffer {
   uintptr_t base = 0;
-  size_t bytes = 0, element_size = 1;
+  size_t bytes = 0, data_bytes = 0, element_size = 1;
   Role role = Role::kInput;
   std::string name;
   bool shared = false;
@@ -270,18 +270,20 @@ std::vector<std::string>& launch_log() {
   return log;
 }
 
-void register_buffer(const void* base, size_t bytes, size_t element_size, Role role, const char* name) {
+void register_buffer(const void* base, size_t bytes, size_t data_bytes, size_t element_size, Role role,
+                     const char* name) {
   if (bytes == 0) return;
   const uintptr_t address = reinterpret_cast<uintptr_t>(base);
   auto it = state.buffers.find(address);
   if (it != state.buffers.end()) {  // the same memory passed twice (src == dst): read and written
     Buffer& b = it->second;
     b.bytes = std::max(b.bytes, bytes);
+    b.data_bytes = std::max(b.data_bytes, data_bytes);
     b.role = Role::kInOut;
     b.written.clear();
     return;
   }
-  Buffer b{address, bytes, element_size, role, name, false, {}};
+  Buffer b{address, bytes, data_bytes, element_size, role, name, false, {}};
   if (role == Role::kOutput) b.written.assign(bytes, 0);
   state.buffers.emplace(address, std::move(b));
 }
@@ -344,7 +346,7 @@ void* shared_array(const char* name, size_t bytes, size_t element_size) {
   }
   state.shared_storage.emplace_back(new char[bytes]);
   const uintptr_t base = reinterpret_cast<uintptr_t>(state.shared_storage.back().get());
-  Buffer b{base, bytes, element_size, Role::kOutput, name, true, std::vector<uint8_t>(bytes, 0)};
+  Buffer b{base, bytes, bytes, element_size, Role::kOutput, name, true, std::vector<uint8_t>(bytes, 0)};
   state.shared.emplace(base, std::move(b));
   return reinterpret_cast<void*>(base);
 }
@@ -404,7 +406,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   // prices a kernel's traffic by (each buffer read and/or written once).
   for (const auto& [base, b] : state.buffers) {
     const char* role = b.role == Role::kInput ? "in" : b.role == Role::kOutput ? "out" : "inout";
-    line << " " << b.name << ":" << role << ":" << b.bytes;
+    line << " " << b.name << ":" << role << ":" << b.data_bytes;
   }
   launch_log().push_back(line.str());
 

@@ -55,8 +55,11 @@ Config& config();
 std::vector<std::string>& launch_log();
 
 // Declares a buffer the next launch may access: [base, base + bytes), elements of
-// element_size bytes. Outputs start unwritten: reading an element before a write is an error.
-void register_buffer(const void* base, size_t bytes, size_t element_size, Role role, const char* name);
+// element_size bytes, of which data_bytes are the tensor's own (less than bytes for a strided
+// view: a column slab spans whole rows of its tensor; the launch log reports data_bytes).
+// Outputs start unwritten: reading an element before a write is an error.
+void register_buffer(const void* base, size_t bytes, size_t data_bytes, size_t element_size, Role role,
+                     const char* name);
 
 // Checks (and records) one access of `bytes` at `address`. False: the access is out of
 // bounds and must not be performed (the launch then fails with that error).

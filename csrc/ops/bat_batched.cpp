@@ -53,14 +53,20 @@ void transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
   aten::copy_(out, aten::view(result, weight.sizes()));
 }
 
-void block_grad(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block) {
+void block_grad(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate) {
   if (grad_block.numel() == 0) return;
   const int64_t r = grad_block.size(-1), k = grad_block.size(0);
+  if (on_cuda_path(weight)) {  // a bf16 W on tensor cores, without a float32 copy of it
+    bool ran = false;
+    MISS_CALL_CUDA_ONLY(bat_block_grad_mma, grad_weight, weight, grad_block, accumulate, ran);
+    if (ran) return;
+  }
   const Tensor w3 = row_blocks(weight, r, grad_block.scalar_type());
   const Tensor g3 = row_blocks(grad_weight, r, grad_block.scalar_type());
   // sum_j W_kj^T G_kj is one [r, in] x [in, r] product per block, and sum_j G_kj (a
   // reduction) the C of that batched GEMM: one baddbmm, no separate add.
-  const Tensor tile_sums = aten::sum(aten::view(g3, {k, r, g3.size(1) / r, r}), std::vector<int64_t>{2});
+  Tensor tile_sums = aten::sum(aten::view(g3, {k, r, g3.size(1) / r, r}), std::vector<int64_t>{2});
+  if (accumulate) tile_sums = aten::add(tile_sums, grad_block);
   aten::baddbmm_out(grad_block, tile_sums, aten::transpose(w3, 1, 2), g3);
 }
 

@@ -1,7 +1,8 @@
 // BAT ops. The adapted weight W' (W_kj + W_kj B_k + B_k per r x r tile) is built for the
 // forward GEMM and rebuilt in backward rather than kept: PEFT keeps weight-sized copies for
 // backward, which is where its extra memory goes. The backward needs G = dy^T x (the
-// gradient with respect to W'), computed in float32; on CUDA a slab of its rows at a time.
+// gradient with respect to W'), computed in float32. On CUDA W' and G are built a slab at a
+// time (slab_lines).
 #include "../aten_calls.h"
 #include "../checks.h"
 #include "bat_batched.h"
@@ -41,17 +42,52 @@ Tensor weight_grad_of(const Tensor& grad_weight, const Tensor& block) {
   return result;
 }
 
-// Rows of G = dy^T x computed at once. On the CPU all of them (the measured path). On CUDA
-// G [out, in] in float32 would be the backward's largest temporary (as large as x in bf16
-// at in = out, and twice the 5% peak-memory budget over standard): slabs of whole r-row
-// blocks of at most 1/8 of x's bytes keep it small, and each slab is still one large GEMM
-// (at the benchmark shape 8 slabs of 512 rows). The rule scales with the shape, so the
-// number of slabs does not depend on the size (benchmarks/gpu_cost_model.py relies on it).
-int64_t g_slab_rows(const Tensor& x, int64_t out, int64_t in, int64_t r) {
-  if (!on_cuda_path(x)) return std::max<int64_t>(out, 1);
+// How many rows (or columns) of a weight-sized temporary a slab takes on CUDA: whole r-row (or
+// r-column) blocks of at most 1/8 of x's bytes, `line_bytes` per row (column). On the CPU all of
+// them (the measured path). Two temporaries are built a slab at a time on CUDA: W' (bf16,
+// as large as the weight) and G = dy^T x (float32, twice that), which whole would put bat's
+// peak memory tens of MiB over standard's (the target is 5%). Each slab is still one large
+// GEMM (at the benchmark shape, W' in 4 slabs of 1024 rows or columns, G in 8 of 512
+// columns). The rule scales with the shape, so the number of slabs does not depend on the
+// size (benchmarks/gpu_cost_model.py relies on it).
+int64_t slab_lines(const Tensor& x, int64_t lines, int64_t line_bytes, int64_t r) {
+  if (!on_cuda_path(x)) return std::max<int64_t>(lines, 1);
   const int64_t budget_bytes = x.numel() * static_cast<int64_t>(x.element_size()) / 8;
-  const int64_t row_bytes = std::max<int64_t>(1, in * static_cast<int64_t>(sizeof(float)));
-  return std::max<int64_t>(r, budget_bytes / row_bytes / r * r);
+  return std::max<int64_t>(r, budget_bytes / std::max<int64_t>(1, line_bytes) / r * r);
+}
+
+// y = x W'^T (+ bias), W' built a slab of rows at a time: y's columns of that slab from one GEMM.
+Tensor linear_by_weight_slabs(const Tensor& x2d, const Tensor& w, const OptTensor& bias, const Tensor& block_acc) {
+  const int64_t out = w.size(0), in = w.size(1), r = block_acc.size(-1);
+  const int64_t step = slab_lines(x2d, out, in * static_cast<int64_t>(w.element_size()), r);
+  Tensor y = aten::empty({x2d.size(0), out}, x2d.scalar_type(), x2d.device());
+  for (int64_t first = 0; first < out; first += step) {
+    const int64_t count = std::min(step, out - first);
+    Tensor w_slab = aten::empty({count, in}, w.scalar_type(), w.device());
+    bat_batched::transform(aten::narrow(w, 0, first, count), aten::narrow(block_acc, 0, first / r, count / r), w_slab);
+    Tensor y_slab = aten::narrow(y, 1, first, count);
+    if (defined(bias)) {
+      aten::addmm_out(y_slab, aten::narrow(*bias, 0, first, count), x2d, aten::t(w_slab));
+    } else {
+      aten::mm_out(y_slab, x2d, aten::t(w_slab));
+    }
+  }
+  return y;
+}
+
+// dx = dy W', W' built a slab of columns at a time: dx's columns of that slab from one GEMM.
+Tensor grad_x_by_weight_slabs(const Tensor& dy, const Tensor& w, const Tensor& block_acc) {
+  const int64_t out = w.size(0), in = w.size(1), r = block_acc.size(-1);
+  const int64_t step = slab_lines(dy, in, out * static_cast<int64_t>(w.element_size()), r);
+  Tensor dx = aten::empty({dy.size(0), in}, dy.scalar_type(), dy.device());
+  for (int64_t first = 0; first < in; first += step) {
+    const int64_t count = std::min(step, in - first);
+    Tensor w_slab = aten::empty({out, count}, w.scalar_type(), w.device());
+    bat_batched::transform(aten::narrow(w, 1, first, count), block_acc, w_slab);
+    Tensor dx_slab = aten::narrow(dx, 1, first, count);
+    aten::mm_out(dx_slab, dy, w_slab);
+  }
+  return dx;
 }
 
 void check_x_for_weight(const char* op, const Tensor& x, const Tensor& weight) {
@@ -108,7 +144,12 @@ Tensor bat_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
     check_same_dtype(op, "bias", *bias, "weight", weight);
   }
   const OptionalDeviceGuard guard(x);
-  return aten::linear(x, transformed_weight(weight, block), bias);
+  if (!on_cuda_path(x)) return aten::linear(x, transformed_weight(weight, block), bias);
+  const Tensor w = aten::contiguous(weight);
+  const Tensor x2d = aten::reshape(x, {num_rows(x), weight.size(1)});
+  std::vector<int64_t> y_sizes(x.sizes().begin(), x.sizes().end());
+  y_sizes.back() = weight.size(0);
+  return aten::view(linear_by_weight_slabs(x2d, w, bias, as_accumulate(block, w)), y_sizes);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
@@ -131,7 +172,12 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
   const Tensor dy = aten::reshape(grad_out, {rows, out});
 
   Tensor grad_x = aten::empty({0}, x.scalar_type(), x.device());
-  if (need_x) grad_x = aten::view(aten::mm(dy, transformed_weight(weight, block)), x.sizes());
+  if (need_x && on_cuda_path(x)) {
+    const Tensor w = aten::contiguous(weight);
+    grad_x = aten::view(grad_x_by_weight_slabs(dy, w, as_accumulate(block, w)), x.sizes());
+  } else if (need_x) {
+    grad_x = aten::view(aten::mm(dy, transformed_weight(weight, block)), x.sizes());
+  }
 
   Tensor grad_weight = aten::empty({0}, weight.scalar_type(), weight.device());
   Tensor grad_block = aten::empty({0}, block.scalar_type(), block.device());
@@ -142,22 +188,20 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
     const ScalarType acc = accumulate_dtype(x.scalar_type());
     const Tensor x2d = aten::reshape(x, {rows, in});
     const Tensor dy_t = aten::t(dy);
-    const int64_t r = block.size(-1), step = g_slab_rows(x, out, in, r);
+    const int64_t r = block.size(-1), step = slab_lines(x, in, out * static_cast<int64_t>(sizeof(float)), r);
     // Once for every slab: W contiguous, and the block in the accumulation dtype.
     const Tensor w = aten::contiguous(weight);
     const Tensor block_acc = need_weight ? as_accumulate(block, x) : Tensor();
     if (need_block) grad_block = aten::empty({out / r, r, r}, acc, block.device());
     if (need_weight) grad_weight = aten::empty_contiguous_like(w);
-    for (int64_t first = 0; first < out; first += step) {
-      const int64_t count = std::min(step, out - first);
-      const Tensor g = mm_accumulate(aten::narrow(dy_t, 0, first, count), x2d, acc);
-      if (need_block) {
-        Tensor slab = aten::narrow(grad_block, 0, first / r, count / r);
-        bat_batched::block_grad(g, aten::narrow(w, 0, first, count), slab);
-      }
-      if (need_weight) {  // written straight into its rows of grad_weight, in W's dtype
-        Tensor slab = aten::narrow(grad_weight, 0, first, count);
-        bat_batched::weight_grad(g, aten::narrow(block_acc, 0, first / r, count / r), slab);
+    // G a slab of whole r-column blocks at a time: dB_k sums over the tiles of every slab.
+    for (int64_t first = 0; first < in; first += step) {
+      const int64_t count = std::min(step, in - first);
+      const Tensor g = mm_accumulate(dy_t, aten::narrow(x2d, 1, first, count), acc);
+      if (need_block) bat_batched::block_grad(g, aten::narrow(w, 1, first, count), grad_block, first > 0);
+      if (need_weight) {  // written straight into its columns of grad_weight, in W's dtype
+        Tensor slab = aten::narrow(grad_weight, 1, first, count);
+        bat_batched::weight_grad(g, block_acc, slab);
       }
     }
     if (need_block) grad_block = aten::to(grad_block, block.scalar_type());
