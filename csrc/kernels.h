@@ -52,7 +52,11 @@ struct PiecePattern {
   /* [rows / r, r, r] float32 contiguous, added into when accumulate; ran = false (nothing */ \
   /* done) where the kernel cannot run: the caller then uses its batched GEMMs */             \
   void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate, \
-                          bool& ran);
+                          bool& ran);                                                                      \
+  /* W <- W M_k + M_k - I per r x r tile, M_k = inv(I + B_k) float32 [out / r, r, r] (bat unmerge: */      \
+  /* (W' - B_k) M_k) on tensor cores, in place, W bf16 contiguous; ran = false (nothing done) */            \
+  /* where the kernel cannot run: the caller then uses float64 GEMMs */                                      \
+  void bat_untransform_mma(Tensor& weight, const Tensor& inverse, bool& ran);
 
 namespace miss {
 

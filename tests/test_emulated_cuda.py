@@ -182,6 +182,7 @@ def test_every_kernel_runs_under_the_emulator():
     w16 = rand((32, 48), dtype=torch.bfloat16, gen=gen)
     EMU.bat_weight(w16, rand((2, 16, 16), gen=gen))  # r 16: on tensor cores
     EMU.bat_block_grad(rand((32, 48), gen=gen), w16, 16)  # dB on tensor cores
+    EMU.unmerge_(w16, bat_block(32, 16, gen=gen))  # unmerge on tensor cores
     launched = {line.split()[0] for line in EMU.launch_log(clear=True)}
     launched_names = {name.split("<")[0] for name in launched}
     assert launched_names == kernels, f"not launched: {kernels - launched_names}"
@@ -215,21 +216,23 @@ def test_zero_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("aligned", [True, False], ids=["vector_path", "scalar_path"])
-@pytest.mark.parametrize("block_shape", [(3, 8), (3, 4), (2, 4, 4)], ids=["standard", "mini", "bat"])
+@pytest.mark.parametrize("block_shape", [(3, 8), (3, 4), (2, 4, 4), (2, 16, 16)],
+                         ids=["standard", "mini", "bat", "bat_r16"])  # bat r 16: bf16 W on tensor cores
 def test_merge_unmerge(block_shape, aligned, dtype):
     gen = generator(13)
-    storage = rand((8 * 16 + 1,), dtype=dtype, gen=gen)
-    weight = (storage[:-1] if aligned else storage[1:]).view(8, 16)  # a 2- or 4-byte offset: no 16-byte loads
-    block = bat_block(8, 4, gen=gen) if len(block_shape) == 3 else rand(block_shape, gen=gen, scale=0.5)
+    rows, cols = (32, 48) if block_shape[-1] == 16 else (8, 16)
+    storage = rand((rows * cols + 1,), dtype=dtype, gen=gen)
+    weight = (storage[:-1] if aligned else storage[1:]).view(rows, cols)  # a 2- or 4-byte offset: no 16-byte loads
+    block = bat_block(rows, block_shape[-1], gen=gen) if len(block_shape) == 3 else rand(block_shape, gen=gen, scale=0.5)
     emulated, cpu = weight.clone(), weight.clone()
     if not aligned:
-        emulated = storage.clone()[1:].view(8, 16)
+        emulated = storage.clone()[1:].view(rows, cols)
     EMU.merge_(emulated, block, False)
     CPU.merge_(cpu, block, False)
     if len(block_shape) == 3:
         oracle = reference.bat_weight(weight.double(), block.double())
     else:
-        oracle = weight.double() + reference.delta_weight(block.double(), 16, 8)
+        oracle = weight.double() + reference.delta_weight(block.double(), cols, rows)
     check(emulated, cpu, oracle, "merged")
     EMU.unmerge_(emulated, block)
     CPU.unmerge_(cpu, block)
@@ -310,6 +313,28 @@ def test_bat_block_grad_on_tensor_cores_sums_every_slab(r):
     oracle = CPU.bat_linear_backward(grad_out.double(), x.double(), weight.double(), block.double(),
                                      [False, False, True])[2]
     check(emulated, cpu, oracle, "grad_block")
+
+
+@pytest.mark.parametrize("r", [16, 64])
+def test_bat_unmerge_on_tensor_cores_restores_the_weight(r):
+    """Unmerge of a bf16 W in place (runs of tiles per block across row-blocks, as in the
+    transform) returns W within the CPU's float64 path's error, and refuses what that refuses."""
+    gen = generator(53 + r)
+    out_features, in_features = 40 * r, 3 * r
+    weight, block = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen), bat_block(out_features, r, gen=gen)
+    merged = CPU.bat_weight(weight, block)
+    emulated, cpu = merged.clone(), merged.clone()
+    EMU.launch_log(clear=True)
+    EMU.unmerge_(emulated, block)
+    assert [line.split()[0] for line in EMU.launch_log(clear=True)] == ["bat_untransform_mma_kernel<kRank>"]
+    CPU.unmerge_(cpu, block)
+    check(emulated, cpu, weight.double(), "unmerged")
+    singular = block.clone()
+    singular[1] = -torch.eye(r)  # I + B_1 = 0
+    before = merged.clone()
+    with pytest.raises(RuntimeError, match=r"I \+ block\[1\] is singular"):
+        EMU.unmerge_(merged, singular)
+    assert torch.equal(merged, before)
 
 
 def test_bat_transform_kernel_reuses_its_shared_tile_safely():

@@ -66,22 +66,28 @@ MISS_GLOBAL void bat_transform_kernel(gptr<const scalar_t> weight, int64_t w_ld,
   }
 }
 
-// Tensor cores: W_kj B_k as bf16 mma.sync products with float32 accumulation. B_k (float32) is
-// split into two bf16 pieces, hi = bf16(B) and lo = bf16(B - hi), which carry 16 of its 24
-// bits: the product's error, about 2^-17 |W_kj| |B_k|, is far below the bf16 rounding of W'
-// (2^-9 |W'|). Warp w of the r / 16 warps computes rows 16w .. 16w + 15 of the tile, 8 columns
-// at a time; its A fragments (W's rows) are loaded once per tile. Each block takes a run of
-// consecutive tiles, so B_k is staged once per row-block k it meets rather than per tile.
-// Shared rows are padded (mma_tiles.cuh). W's rows and W' 16-byte aligned (the launcher
-// checks). r is a template argument, so that the fragment loops unroll and A stays in registers.
-template <int r, typename scalar_t = BFloat16>
-MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, int64_t w_ld, gptr<const float> block,
-                                          int64_t out_rows, int64_t in, gptr<scalar_t> result) {
+// Tensor cores: out_kj = W_kj P_k + P_k + (W_kj, or -I), the products as bf16 mma.sync with float32
+// accumulation. Merge (the transform, kMerge): P = B_k, out = W B + B + W. Unmerge: P = M_k =
+// inv(I + B_k), out = W' M + M - I, which is (W' - B_k) M_k since B_k M_k = I - M_k. P (float32) is
+// split into kPieces bf16 pieces: two carry 16 of its 24 bits, enough for the transform (the
+// products' error, about 2^-17 |W_kj| |B_k|, is far below the bf16 rounding of W', 2^-9 |W'|);
+// three carry all of them, as unmerge needs (the inverse amplifies what it is given by up to
+// its condition number). Warp w of the r / 16 warps computes rows 16w .. 16w + 15 of the tile,
+// 8 columns at a time; its A fragments (W's rows) are loaded once per tile. Each block takes a
+// run of consecutive tiles, so P_k is staged once per row-block k it meets rather than per
+// tile; the epilogue reads P_k itself from global memory (r x r per row-block, cached), which
+// leaves shared memory to three pieces. Shared rows are
+// padded (mma_tiles.cuh). W's rows and the output 16-byte aligned (the launcher checks). r is
+// a template argument, so that the fragment loops unroll and A stays in registers.
+template <int r, int kPieces, bool kMerge>
+MISS_DEVICE void tile_product_mma(gptr<const BFloat16> weight, int64_t w_ld, gptr<const float> p, int64_t out_rows,
+                                  int64_t in, gptr<BFloat16> result) {
+  static_assert(kPieces == 2 || kPieces == 3, "two or three bf16 pieces of P");
   constexpr int ld = r + kTilePad;
-  MISS_SHARED_ARRAY(scalar_t, w_tile, r * ld);  // [a][c], row stride ld
-  MISS_SHARED_ARRAY(scalar_t, b_hi, r * ld);    // B_k transposed: [c][d]
-  MISS_SHARED_ARRAY(scalar_t, b_lo, r * ld);
-  MISS_SHARED_ARRAY(float, b_tile, r * r);      // B_k as given: [a][c]
+  MISS_SHARED_ARRAY(BFloat16, w_tile, r * ld);  // [a][c], row stride ld
+  MISS_SHARED_ARRAY(BFloat16, p1_t, r * ld);    // the pieces of P_k transposed: [c][d]
+  MISS_SHARED_ARRAY(BFloat16, p2_t, r * ld);
+  MISS_SHARED_ARRAY(BFloat16, p3_t, kPieces == 3 ? r * ld : 2);
   const int64_t tiles_per_row = in / r, tiles = (out_rows / r) * tiles_per_row;
   const int64_t per_block = (tiles + gridDim.x - 1) / gridDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * per_block, last = std::min(tiles, first + per_block);
@@ -92,56 +98,91 @@ MISS_GLOBAL void bat_transform_mma_kernel(gptr<const scalar_t> weight, int64_t w
     const int64_t k = tile / tiles_per_row, j = tile % tiles_per_row;
     if (k != staged_k) {  // the same for every thread of the block
       for (int64_t e = threadIdx.x; e < r * r; e += blockDim.x) {
-        const float v = block[k * r * r + e];
-        const scalar_t hi = static_cast<scalar_t>(v);
+        const float v = p[k * r * r + e];
+        const BFloat16 p1 = static_cast<BFloat16>(v);
+        const float rest = v - static_cast<float>(p1);
+        const BFloat16 p2 = static_cast<BFloat16>(rest);
         const int64_t transposed = (e % r) * ld + e / r;
-        b_tile[e] = v;
-        b_hi[transposed] = hi;
-        b_lo[transposed] = static_cast<scalar_t>(v - static_cast<float>(hi));
+        p1_t[transposed] = p1;
+        p2_t[transposed] = p2;
+        if constexpr (kPieces == 3) p3_t[transposed] = static_cast<BFloat16>(rest - static_cast<float>(p2));
       }
       staged_k = k;
     }
-    const gptr<const scalar_t> w = weight + (k * r) * w_ld + j * r;  // row a of the tile: w + a * w_ld
+    const gptr<const BFloat16> w = weight + (k * r) * w_ld + j * r;  // row a of the tile: w + a * w_ld
     for (int64_t e = threadIdx.x * 8; e < r * r; e += blockDim.x * 8) {
       device::store_pack<8>(w_tile + (e / r) * ld + e % r, device::load_pack<8>(w + (e / r) * w_ld + e % r));
     }
     MISS_SYNC_THREADS();
     uint32_t a[r / kMmaDepth][4];
     for (int s = 0; s < r / kMmaDepth; ++s) {
-      const gptr<scalar_t> top = w_tile + (row0 + group) * ld + s * kMmaDepth + pair;
+      const gptr<BFloat16> top = w_tile + (row0 + group) * ld + s * kMmaDepth + pair;
       a[s][0] = device::load_bits32(top);
       a[s][1] = device::load_bits32(top + 8 * ld);
       a[s][2] = device::load_bits32(top + 8);
       a[s][3] = device::load_bits32(top + 8 * ld + 8);
     }
-    const gptr<scalar_t> out = result + (k * r) * in + j * r;
+    const gptr<BFloat16> out = result + (k * r) * in + j * r;
     for (int c0 = 0; c0 < r; c0 += kMmaCols) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int s = 0; s < r / kMmaDepth; ++s) {
         const int64_t at = (c0 + group) * ld + s * kMmaDepth + pair;
-        const uint32_t lo[2] = {device::load_bits32(b_lo + at), device::load_bits32(b_lo + at + 8)};
-        const uint32_t hi[2] = {device::load_bits32(b_hi + at), device::load_bits32(b_hi + at + 8)};
-        device::mma_m16n8k16_bf16(a[s], lo, acc);
-        device::mma_m16n8k16_bf16(a[s], hi, acc);
+        if constexpr (kPieces == 3) {  // the smallest piece first
+          const uint32_t b3[2] = {device::load_bits32(p3_t + at), device::load_bits32(p3_t + at + 8)};
+          device::mma_m16n8k16_bf16(a[s], b3, acc);
+        }
+        const uint32_t b2[2] = {device::load_bits32(p2_t + at), device::load_bits32(p2_t + at + 8)};
+        const uint32_t b1[2] = {device::load_bits32(p1_t + at), device::load_bits32(p1_t + at + 8)};
+        device::mma_m16n8k16_bf16(a[s], b2, acc);
+        device::mma_m16n8k16_bf16(a[s], b1, acc);
       }
       for (int64_t half = 0; half < 2; ++half) {  // rows group and group + 8 of the warp's 16
         const int64_t row = row0 + group + 8 * half, col = c0 + pair;
-        device::Pack<scalar_t, 2> pack;
+        device::Pack<BFloat16, 2> pack;
         for (int64_t i = 0; i < 2; ++i) {
-          const float w_value = static_cast<float>(w_tile[row * ld + col + i]);
-          pack.v[i] = static_cast<scalar_t>(acc[2 * half + i] + w_value + b_tile[row * r + col + i]);
+          float value = acc[2 * half + i] + p[k * r * r + row * r + col + i];
+          if constexpr (kMerge) {
+            value += static_cast<float>(w_tile[row * ld + col + i]);
+          } else if (row == col + i) {
+            value -= 1.f;
+          }
+          pack.v[i] = static_cast<BFloat16>(value);
         }
         device::store_pack<2>(out + row * in + col, pack);
       }
     }
-    MISS_SYNC_THREADS();  // the next tile overwrites the staged one (and B_k, at a new k)
+    MISS_SYNC_THREADS();  // the next tile overwrites the staged one (and P_k, at a new k)
   }
+}
+
+// W' = W B_k + W + B_k.
+template <int r>
+MISS_GLOBAL void bat_transform_mma_kernel(gptr<const BFloat16> weight, int64_t w_ld, gptr<const float> block,
+                                          int64_t out_rows, int64_t in, gptr<BFloat16> result) {
+  tile_product_mma<r, 2, true>(weight, w_ld, block, out_rows, in, result);
+}
+
+// W = W' M_k + M_k - I, M_k = inv(I + B_k).
+template <int r>
+MISS_GLOBAL void bat_untransform_mma_kernel(gptr<const BFloat16> merged, gptr<const float> inverse, int64_t out_rows,
+                                            int64_t in, gptr<BFloat16> result) {
+  tile_product_mma<r, 3, false>(merged, in, inverse, out_rows, in, result);
 }
 
 template <int kRank>
 void launch_bat_transform_mma(unsigned int grid, gptr<const BFloat16> w, int64_t w_ld, gptr<const float> b,
                               int64_t rows, int64_t in, gptr<BFloat16> res) {
   MISS_LAUNCH(bat_transform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, w_ld, b, rows, in, res);
+}
+
+template <int kRank>
+void launch_bat_untransform_mma(unsigned int grid, gptr<const BFloat16> w, gptr<const float> inverse, int64_t rows,
+                                int64_t in, gptr<BFloat16> res) {
+  MISS_LAUNCH(bat_untransform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, inverse, rows, in, res);
+}
+
+unsigned int tile_grid(int64_t tiles) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, 32 * device::sm_count())));
 }
 
 }  // namespace
@@ -152,8 +193,7 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
   MISS_INTERNAL_ASSERT(bat_transform_fits(r) && weight.stride(1) == 1 && w_ld >= in && out.is_contiguous() &&
                        block_acc.scalar_type() == kFloat);
   MISS_DEVICE_GUARD(weight);
-  const int64_t tiles = (rows / r) * (in / r);
-  const unsigned int grid = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, 32 * device::sm_count())));
+  const unsigned int grid = tile_grid((rows / r) * (in / r));
   static_assert(kBatMaxRank == 64, "one mma kernel per multiple of 16 up to kBatMaxRank");
   if (weight.scalar_type() == kBFloat16 && r % kMmaDepth == 0 && aligned16(weight.const_data_ptr()) &&
       w_ld % 8 == 0 && aligned16(out.const_data_ptr()) && device::has_mma()) {
@@ -181,6 +221,27 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
       MISS_CHECK(false, "miss: bat_transform takes float32/float16/bfloat16 weights, got ", weight.scalar_type());
     }
   });
+}
+
+void bat_untransform_mma(Tensor& weight, const Tensor& inverse, bool& ran) {
+  const int64_t rows = weight.size(0), in = weight.size(1), r = inverse.size(-1);
+  ran = false;
+  MISS_DEVICE_GUARD(weight);
+  const bool fits = weight.scalar_type() == kBFloat16 && inverse.scalar_type() == kFloat && r % kMmaDepth == 0 &&
+                    r <= kBatMaxRank && weight.is_contiguous() && inverse.is_contiguous() &&
+                    aligned16(weight.const_data_ptr());
+  if (!fits || !device::has_mma()) return;
+  ran = true;
+  if (weight.numel() == 0) return;
+  const auto inv = device::input<float>(inverse, "inverse");
+  const auto w = device::inout<BFloat16>(weight, "weight");  // in place: each tile staged before it is written
+  const unsigned int grid = tile_grid((rows / r) * (in / r));
+  switch (r) {
+    case 16: launch_bat_untransform_mma<16>(grid, w, inv, rows, in, w); break;
+    case 32: launch_bat_untransform_mma<32>(grid, w, inv, rows, in, w); break;
+    case 48: launch_bat_untransform_mma<48>(grid, w, inv, rows, in, w); break;
+    default: launch_bat_untransform_mma<64>(grid, w, inv, rows, in, w); break;
+  }
 }
 
 }  // namespace MISS_CUDA_NAMESPACE

@@ -42,13 +42,17 @@ Tensor checked_inverse_of_identity_plus(const Tensor& block) {
   const Tensor a = aten::add(aten::to(block, kDouble), aten::eye(r, kDouble, block.device()));
   auto [inverse, info] = aten::linalg_inv_ex(a);
   const Tensor condition = aten::mul(one_norms(a), one_norms(inverse));
+  // One copy of each to the host, read there: an ATen call per block would cost more host time
+  // than the whole unmerge takes on a GPU.
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
-  const Tensor info_cpu = aten::to(info, cpu);
-  const Tensor condition_cpu = aten::to(condition, cpu);
+  const Tensor info_cpu = aten::contiguous(aten::to(aten::to(info, cpu), kLong));
+  const Tensor condition_cpu = aten::contiguous(aten::to(condition, cpu));
+  const int64_t* infos = info_cpu.const_data_ptr<int64_t>();
+  const double* conditions = condition_cpu.const_data_ptr<double>();
   for (int64_t k = 0; k < block.size(0); ++k) {
-    const double c = item<double>(aten::select(condition_cpu, 0, k));
+    const double c = conditions[k];
     // A singular matrix has no finite condition number (the inverse is Inf/NaN): say singular.
-    MISS_CHECK(item<int64_t>(aten::select(info_cpu, 0, k)) == 0 && std::isfinite(c), "miss.unmerge_: I + block[",
+    MISS_CHECK(infos[k] == 0 && std::isfinite(c), "miss.unmerge_: I + block[",
                 k, "] is singular: the bat merge cannot be undone; weight left unchanged");
     MISS_CHECK(c <= kMaxUnmergeCondition, "miss.unmerge_: I + block[", k,
                 "] is ill-conditioned (1-norm condition number ", c, ", at most ",
