@@ -134,9 +134,10 @@ def dimension_map(probe: Shape, scale: int, variant: str = "") -> dict:
     """Probe dimension -> its factor to the target. Dimensions that scale: N, in, out, r and the
     2r and 3r of the bf16 pieces (csrc/ops/gemm.h); for variant "mini" also mini_r (out /
     mini_r does not); for "bat" bat's slabs (csrc/ops/bat_ops.cpp slab_lines, 1/8 of a bf16 x's
-    bytes in whole r blocks: G's N in / (16 out) columns, W''s N / 8 rows and N in / (8 out)
-    columns). Dimensions that do not: out / r, in / r, the 3 pieces. A probe where a dimension
-    of one kind equals one of the other would be read wrongly: refused."""
+    or dy's bytes in whole r blocks: G's N in / (16 out) columns, W''s N / 8 rows in the
+    forward and N / 8 columns for dx). Dimensions that do not: out / r, in / r, the 3 pieces.
+    A probe where a dimension of one kind equals one of the other would be read wrongly:
+    refused."""
     if scale == 1:
         return {}
     scaling = {probe.tokens, probe.in_features, probe.out_features, probe.r, 2 * probe.r, 3 * probe.r}
@@ -148,7 +149,7 @@ def dimension_map(probe: Shape, scale: int, variant: str = "") -> dict:
         def whole_blocks(lines):
             return max(probe.r, lines // probe.r * probe.r)
         n_in_per_out = probe.tokens * probe.in_features // probe.out_features
-        scaling |= {whole_blocks(n_in_per_out // 16), whole_blocks(probe.tokens // 8), whole_blocks(n_in_per_out // 8)}
+        scaling |= {whole_blocks(n_in_per_out // 16), whole_blocks(probe.tokens // 8)}
     clash = scaling & fixed
     if clash:
         raise ValueError(f"probe {probe} (scale {scale}) makes dimensions {sorted(clash)} ambiguous: choose another scale")

@@ -43,7 +43,8 @@ Tensor weight_grad_of(const Tensor& grad_weight, const Tensor& block) {
 }
 
 // How many rows (or columns) of a weight-sized temporary a slab takes on CUDA: whole r-row (or
-// r-column) blocks of at most 1/8 of x's bytes, `line_bytes` per row (column). On the CPU all of
+// r-column) blocks of at most 1/8 of the bytes of `x` (the activation the slab's GEMM reads
+// whole: x, or dy for dx), `line_bytes` per row (column). On the CPU all of
 // them (the measured path). Two temporaries are built a slab at a time on CUDA: W' (bf16,
 // as large as the weight) and G = dy^T x (float32, twice that), which whole would put bat's
 // peak memory tens of MiB over standard's (the target is 5%). Each slab is still one large
