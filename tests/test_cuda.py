@@ -15,6 +15,7 @@ from conftest import (
     DTYPES,
     MIXED_DTYPES,
     SHARD_CASES,
+    assert_close_to_oracle,
     bat_block,
     check_bat_layer,
     check_shard_layer,
@@ -194,3 +195,32 @@ def test_large_shapes_on_cuda_match_cpu():
         y_gpu, f_gpu = torch.ops.miss.shard_linear(x.cuda(), weight.cuda(), None, block.cuda(), 0.1, seed.cuda())
         torch.testing.assert_close(f_gpu.cpu(), f_cpu, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(y_gpu.cpu().float(), y_cpu.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bat_on_tensor_cores_matches_cpu():
+    """A bf16 W with r = 64 takes the mma.sync kernels (transform, block gradient, unmerge) and
+    builds W' and G in slabs (3 and 2 of W', 8 of G at this size): against the CPU path, by the
+    suite's 2x rule of the float64 oracle. The emulator checks the same kernels in CI; this is
+    the check on the hardware's tensor cores."""
+    gen = generator(12)
+    x = rand((2048, 512), dtype=torch.bfloat16, gen=gen)
+    weight = rand((768, 512), dtype=torch.bfloat16, gen=gen, scale=0.05)
+    block, dy = bat_block(768, 64, gen=gen), rand((2048, 768), dtype=torch.bfloat16, gen=gen)
+    mask = [True, True, True]
+    oracle_y = torch.ops.miss.bat_linear(x.double(), weight.double(), None, block.double())
+    oracle_grads = torch.ops.miss.bat_linear_backward(dy.double(), x.double(), weight.double(), block.double(), mask)
+    cpu_y = torch.ops.miss.bat_linear(x, weight, None, block)
+    cpu_grads = torch.ops.miss.bat_linear_backward(dy, x, weight, block, mask)
+    gpu_y = torch.ops.miss.bat_linear(x.cuda(), weight.cuda(), None, block.cuda())
+    gpu_grads = torch.ops.miss.bat_linear_backward(dy.cuda(), x.cuda(), weight.cuda(), block.cuda(), mask)
+    assert_close_to_oracle(gpu_y.cpu(), oracle_y, cpu_y, what="y")
+    for name, g, o, c in zip(("grad_x", "grad_weight", "grad_block"), gpu_grads, oracle_grads, cpu_grads):
+        assert_close_to_oracle(g.cpu(), o, c, what=name)
+    merged_gpu, merged_cpu = weight.cuda(), weight.clone()
+    miss_ext.merge_(merged_gpu, block.cuda())
+    miss_ext.merge_(merged_cpu, block)
+    assert_close_to_oracle(merged_gpu.cpu(), reference.bat_weight(weight.double(), block.double()), merged_cpu,
+                           what="merged")
+    miss_ext.unmerge_(merged_gpu, block.cuda())
+    miss_ext.unmerge_(merged_cpu, block)
+    assert_close_to_oracle(merged_gpu.cpu(), weight.double(), merged_cpu, what="unmerged")
