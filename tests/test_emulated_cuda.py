@@ -279,16 +279,16 @@ def test_mma_matches_the_isa_fragment_layout():
 
 @pytest.mark.parametrize("r", [16, 32, 48, 64])
 def test_bat_transform_mma_kernel_stages_b_once_per_row_block(r):
-    """More tiles than blocks (sm_count 2 gives 64 blocks): each block takes a run of
+    """More tiles than blocks (sm_count 2 gives 16 blocks): each block takes a run of
     consecutive tiles that crosses row-blocks, so it restages B_k between tiles; in place
     too (an in-place merge). Races between the stages are the detector's to find."""
     gen = generator(43 + r)
-    out_features, in_features = 40 * r, 3 * r  # 120 tiles: runs of 2, crossing row-blocks
+    out_features, in_features = 40 * r, 3 * r  # 120 tiles: runs of 8, crossing row-blocks of 3
     weight, block = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen), bat_block(out_features, r, gen=gen)
     EMU.launch_log(clear=True)
     emulated = EMU.bat_weight(weight, block)
     line = EMU.launch_log(clear=True)[0]
-    assert line.startswith(f"bat_transform_mma_kernel<kRank> grid=(64,1,1) block=({2 * r},1,1)"), line
+    assert line.startswith(f"bat_transform_mma_kernel<kRank> grid=(16,1,1) block=({2 * r},1,1)"), line
     assert f"mma={out_features * in_features * r // 1024}" in line  # 2 pieces x r^3 / (16 * 8 * 16) per tile
     check(emulated, CPU.bat_weight(weight, block), reference.bat_weight(weight.double(), block.double()), "W'")
     merged = weight.clone()

@@ -181,9 +181,14 @@ void launch_bat_untransform_mma(unsigned int grid, gptr<const BFloat16> w, gptr<
   MISS_LAUNCH(bat_untransform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, inverse, rows, in, res);
 }
 
-unsigned int tile_grid(int64_t tiles) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, 32 * device::sm_count())));
+// Blocks for `tiles` tiles: the SIMT kernel takes one tile per turn of a grid-stride loop, 32
+// blocks per SM; a tensor-core block takes a run of tiles and stages P_k once per row-block in
+// it, so it gets 8 per SM, about as many as fit at once (28-37 KB of shared memory each): one
+// wave, and runs of several tiles at the benchmark shape (4096 tiles on 132 SMs).
+unsigned int tile_grid(int64_t tiles, int64_t blocks_per_sm) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, blocks_per_sm * device::sm_count())));
 }
+constexpr int64_t kSimtBlocksPerSm = 32, kMmaBlocksPerSm = 8;
 
 }  // namespace
 
@@ -193,10 +198,11 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
   MISS_INTERNAL_ASSERT(bat_transform_fits(r) && weight.stride(1) == 1 && w_ld >= in && out.is_contiguous() &&
                        block_acc.scalar_type() == kFloat);
   MISS_DEVICE_GUARD(weight);
-  const unsigned int grid = tile_grid((rows / r) * (in / r));
+  const int64_t tiles = (rows / r) * (in / r);
   static_assert(kBatMaxRank == 64, "one mma kernel per multiple of 16 up to kBatMaxRank");
   if (weight.scalar_type() == kBFloat16 && r % kMmaDepth == 0 && aligned16(weight.const_data_ptr()) &&
       w_ld % 8 == 0 && aligned16(out.const_data_ptr()) && device::has_mma()) {
+    const unsigned int grid = tile_grid(tiles, kMmaBlocksPerSm);
     const auto w = device::input<BFloat16>(weight, "weight");
     const auto b = device::input<float>(block_acc, "block");
     const auto res = weight.const_data_ptr() == out.const_data_ptr() ? device::inout<BFloat16>(out, "out")
@@ -209,6 +215,7 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
     }
     return;
   }
+  const unsigned int grid = tile_grid(tiles, kSimtBlocksPerSm);
   const unsigned int threads = static_cast<unsigned int>((r / kBatPiece) * (r / kBatPiece));
   MISS_DISPATCH_FLOAT(weight.scalar_type(), "miss_bat_transform_cuda", [&] {
     if constexpr (std::is_same_v<opmath_t<scalar_t>, float>) {
@@ -235,7 +242,7 @@ void bat_untransform_mma(Tensor& weight, const Tensor& inverse, bool& ran) {
   if (weight.numel() == 0) return;
   const auto inv = device::input<float>(inverse, "inverse");
   const auto w = device::inout<BFloat16>(weight, "weight");  // in place: each tile staged before it is written
-  const unsigned int grid = tile_grid((rows / r) * (in / r));
+  const unsigned int grid = tile_grid((rows / r) * (in / r), kMmaBlocksPerSm);
   switch (r) {
     case 16: launch_bat_untransform_mma<16>(grid, w, inv, rows, in, w); break;
     case 32: launch_bat_untransform_mma<32>(grid, w, inv, rows, in, w); break;
