@@ -42,27 +42,26 @@ MISS_GLOBAL void bat_block_grad_mma_kernel(gptr<const float> grad_weight, int64_
     const gptr<const BFloat16> w = weight + (k * r) * w_ld + j * r;
     for (int64_t e = threadIdx.x; e < r * r; e += blockDim.x) {
       const int64_t a = e / r, c = e % r, at = c * ld + a;
-      const float value = g[a * g_ld + c];
-      const BFloat16 g1 = static_cast<BFloat16>(value);
-      const BFloat16 g2 = static_cast<BFloat16>(value - static_cast<float>(g1));
-      g1_t[at] = g1;
-      g2_t[at] = g2;
-      g3_t[at] = static_cast<BFloat16>(value - static_cast<float>(g1) - static_cast<float>(g2));
+      BFloat16 piece[3];
+      split_bf16(g[a * g_ld + c], piece);
+      g1_t[at] = piece[0];
+      g2_t[at] = piece[1];
+      g3_t[at] = piece[2];
       w_t[at] = w[a * w_ld + c];
     }
     MISS_SYNC_THREADS();
     for (int s = 0; s < r / kMmaDepth; ++s) {
-      const gptr<BFloat16> top = w_t + (row0 + group) * ld + s * kMmaDepth + pair;
-      const uint32_t a_frag[4] = {device::load_bits32(top), device::load_bits32(top + 8 * ld),
-                                  device::load_bits32(top + 8), device::load_bits32(top + 8 * ld + 8)};
+      uint32_t a_frag[4];
+      load_a_fragment(w_t + row0 * ld + s * kMmaDepth, ld, a_frag);
       for (int n = 0; n < r / kMmaCols; ++n) {
-        const int64_t at = (n * kMmaCols + group) * ld + s * kMmaDepth + pair;
-        const uint32_t b3[2] = {device::load_bits32(g3_t + at), device::load_bits32(g3_t + at + 8)};
-        const uint32_t b2[2] = {device::load_bits32(g2_t + at), device::load_bits32(g2_t + at + 8)};
-        const uint32_t b1[2] = {device::load_bits32(g1_t + at), device::load_bits32(g1_t + at + 8)};
-        device::mma_m16n8k16_bf16(a_frag, b3, acc[n]);  // the smallest piece first
-        device::mma_m16n8k16_bf16(a_frag, b2, acc[n]);
-        device::mma_m16n8k16_bf16(a_frag, b1, acc[n]);
+        const int64_t at = n * kMmaCols * ld + s * kMmaDepth;
+        uint32_t b[2];
+        load_b_fragment(g3_t + at, ld, b);  // the smallest piece first
+        device::mma_m16n8k16_bf16(a_frag, b, acc[n]);
+        load_b_fragment(g2_t + at, ld, b);
+        device::mma_m16n8k16_bf16(a_frag, b, acc[n]);
+        load_b_fragment(g1_t + at, ld, b);
+        device::mma_m16n8k16_bf16(a_frag, b, acc[n]);
       }
     }
     for (int n = 0; n < r / kMmaCols; ++n) {  // the identity's term: G_kj at this lane's outputs
@@ -82,13 +81,6 @@ MISS_GLOBAL void bat_block_grad_mma_kernel(gptr<const float> grad_weight, int64_
   }
 }
 
-template <int kRank>
-void launch_bat_block_grad_mma(unsigned int grid, gptr<const float> g, int64_t g_ld, gptr<const BFloat16> w,
-                               int64_t w_ld, int64_t tiles_per_row, bool accumulate, gptr<float> out) {
-  MISS_LAUNCH(bat_block_grad_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), g, g_ld, w, w_ld, tiles_per_row,
-              accumulate, out);
-}
-
 }  // namespace
 
 void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate,
@@ -97,8 +89,7 @@ void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor&
   ran = false;
   MISS_DEVICE_GUARD(weight);
   const bool fits = weight.scalar_type() == kBFloat16 && grad_weight.scalar_type() == kFloat &&
-                    grad_block.scalar_type() == kFloat && r % kMmaDepth == 0 && r <= kBatMaxRank &&
-                    weight.stride(1) == 1 && grad_weight.stride(1) == 1 && grad_block.is_contiguous();
+                    grad_block.scalar_type() == kFloat && mma_rank_fits(r) && weight.stride(1) == 1 && grad_weight.stride(1) == 1 && grad_block.is_contiguous();
   if (!fits || !device::has_mma()) return;
   ran = true;
   if (grad_block.numel() == 0) return;
@@ -112,12 +103,11 @@ void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor&
                               : device::output<float>(grad_block, "grad_block");
   const unsigned int grid = static_cast<unsigned int>(rows / r);
   const int64_t g_ld = grad_weight.stride(0), w_ld = weight.stride(0), tiles = cols / r;
-  switch (r) {
-    case 16: launch_bat_block_grad_mma<16>(grid, g, g_ld, w, w_ld, tiles, accumulate, out); break;
-    case 32: launch_bat_block_grad_mma<32>(grid, g, g_ld, w, w_ld, tiles, accumulate, out); break;
-    case 48: launch_bat_block_grad_mma<48>(grid, g, g_ld, w, w_ld, tiles, accumulate, out); break;
-    default: launch_bat_block_grad_mma<64>(grid, g, g_ld, w, w_ld, tiles, accumulate, out); break;
-  }
+  with_mma_rank(r, [&](auto rank) {
+    constexpr int kRank = decltype(rank)::value;
+    MISS_LAUNCH(bat_block_grad_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), g, g_ld, w, w_ld, tiles, accumulate,
+                out);
+  });
 }
 
 }  // namespace MISS_CUDA_NAMESPACE

@@ -1,15 +1,16 @@
-// The BAT transform as one CUDA kernel (kernels.h bat_transform): W'_kj = W_kj + W_kj B_k + B_k
-// for every r x r tile, computed in float32 and written once in W's dtype. The batched-GEMM
-// form (ops/bat_batched.cpp) needs W and W' as weight-sized float32 tensors when W is 16-bit
-// (two copies and two passes over them); here each tile is read once and written once.
+// BAT's transform and its inverse as CUDA kernels (kernels.h bat_transform, bat_untransform_mma):
+// W'_kj = W_kj + W_kj B_k + B_k for every r x r tile (forward, dx, merge) and W_kj =
+// (W'_kj - B_k) inv(I + B_k) (unmerge), computed in float32 and written once in W's dtype. The
+// batched-GEMM form (ops/bat_batched.cpp) needs W and W' as weight-sized float32 tensors when
+// W is 16-bit (two copies and two passes over them); here each tile is read once and written once.
 //
-// Two kernels, one launcher. A bf16 W with r % 16 == 0 (the benchmark's case) runs on tensor
-// cores (bat_transform_mma_kernel): at r = 64 the float32 multiply-adds on SIMT cores would
-// take longer than the pass over W itself. Other shapes and dtypes (fp16, fp32, r % 16 != 0)
-// run on SIMT cores (bat_transform_kernel). r <= 64 for both (the host routes larger r to the
-// batched GEMMs). Each block stages a tile before writing it, so W' may be W itself (an
-// in-place merge). Compiled by nvcc (shard_kernels.cu) and by the host compiler for the
-// emulator (csrc/emulator/emulated_kernels.cpp), which also emulates the mma instruction.
+// A bf16 W with r % 16 == 0 (the benchmark's case) runs on tensor cores (tile_product_mma):
+// at r = 64 the float32 multiply-adds on SIMT cores would take longer than the pass over W
+// itself. The transform of other shapes and dtypes (fp16, fp32, r % 16 != 0, r <= 64) runs on
+// SIMT cores (bat_transform_kernel); the host routes larger r, and unmerge of those, to the
+// batched GEMMs. Each block stages a tile before writing it, so the output may be W itself
+// (in place). Compiled by nvcc (shard_kernels.cu) and by the host compiler for the emulator
+// (csrc/emulator/emulated_kernels.cpp), which also emulates the mma instruction.
 #pragma once
 
 #include <cstdint>
@@ -98,14 +99,12 @@ MISS_DEVICE void tile_product_mma(gptr<const BFloat16> weight, int64_t w_ld, gpt
     const int64_t k = tile / tiles_per_row, j = tile % tiles_per_row;
     if (k != staged_k) {  // the same for every thread of the block
       for (int64_t e = threadIdx.x; e < r * r; e += blockDim.x) {
-        const float v = p[k * r * r + e];
-        const BFloat16 p1 = static_cast<BFloat16>(v);
-        const float rest = v - static_cast<float>(p1);
-        const BFloat16 p2 = static_cast<BFloat16>(rest);
+        BFloat16 piece[kPieces];
+        split_bf16(p[k * r * r + e], piece);
         const int64_t transposed = (e % r) * ld + e / r;
-        p1_t[transposed] = p1;
-        p2_t[transposed] = p2;
-        if constexpr (kPieces == 3) p3_t[transposed] = static_cast<BFloat16>(rest - static_cast<float>(p2));
+        p1_t[transposed] = piece[0];
+        p2_t[transposed] = piece[1];
+        if constexpr (kPieces == 3) p3_t[transposed] = piece[2];
       }
       staged_k = k;
     }
@@ -115,26 +114,21 @@ MISS_DEVICE void tile_product_mma(gptr<const BFloat16> weight, int64_t w_ld, gpt
     }
     MISS_SYNC_THREADS();
     uint32_t a[r / kMmaDepth][4];
-    for (int s = 0; s < r / kMmaDepth; ++s) {
-      const gptr<BFloat16> top = w_tile + (row0 + group) * ld + s * kMmaDepth + pair;
-      a[s][0] = device::load_bits32(top);
-      a[s][1] = device::load_bits32(top + 8 * ld);
-      a[s][2] = device::load_bits32(top + 8);
-      a[s][3] = device::load_bits32(top + 8 * ld + 8);
-    }
+    for (int s = 0; s < r / kMmaDepth; ++s) load_a_fragment(w_tile + row0 * ld + s * kMmaDepth, ld, a[s]);
     const gptr<BFloat16> out = result + (k * r) * in + j * r;
     for (int c0 = 0; c0 < r; c0 += kMmaCols) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int s = 0; s < r / kMmaDepth; ++s) {
-        const int64_t at = (c0 + group) * ld + s * kMmaDepth + pair;
+        const int64_t at = c0 * ld + s * kMmaDepth;
+        uint32_t b[2];
         if constexpr (kPieces == 3) {  // the smallest piece first
-          const uint32_t b3[2] = {device::load_bits32(p3_t + at), device::load_bits32(p3_t + at + 8)};
-          device::mma_m16n8k16_bf16(a[s], b3, acc);
+          load_b_fragment(p3_t + at, ld, b);
+          device::mma_m16n8k16_bf16(a[s], b, acc);
         }
-        const uint32_t b2[2] = {device::load_bits32(p2_t + at), device::load_bits32(p2_t + at + 8)};
-        const uint32_t b1[2] = {device::load_bits32(p1_t + at), device::load_bits32(p1_t + at + 8)};
-        device::mma_m16n8k16_bf16(a[s], b2, acc);
-        device::mma_m16n8k16_bf16(a[s], b1, acc);
+        load_b_fragment(p2_t + at, ld, b);
+        device::mma_m16n8k16_bf16(a[s], b, acc);
+        load_b_fragment(p1_t + at, ld, b);
+        device::mma_m16n8k16_bf16(a[s], b, acc);
       }
       for (int64_t half = 0; half < 2; ++half) {  // rows group and group + 8 of the warp's 16
         const int64_t row = row0 + group + 8 * half, col = c0 + pair;
@@ -169,18 +163,6 @@ MISS_GLOBAL void bat_untransform_mma_kernel(gptr<const BFloat16> merged, gptr<co
   tile_product_mma<r, 3, false>(merged, in, inverse, out_rows, in, result);
 }
 
-template <int kRank>
-void launch_bat_transform_mma(unsigned int grid, gptr<const BFloat16> w, int64_t w_ld, gptr<const float> b,
-                              int64_t rows, int64_t in, gptr<BFloat16> res) {
-  MISS_LAUNCH(bat_transform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, w_ld, b, rows, in, res);
-}
-
-template <int kRank>
-void launch_bat_untransform_mma(unsigned int grid, gptr<const BFloat16> w, gptr<const float> inverse, int64_t rows,
-                                int64_t in, gptr<BFloat16> res) {
-  MISS_LAUNCH(bat_untransform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, inverse, rows, in, res);
-}
-
 // Blocks for `tiles` tiles: the SIMT kernel takes one tile per turn of a grid-stride loop, 32
 // blocks per SM; a tensor-core block takes a run of tiles and stages P_k once per row-block in
 // it, so it gets 8 per SM, about as many as fit at once (28-37 KB of shared memory each): one
@@ -199,20 +181,17 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
                        block_acc.scalar_type() == kFloat);
   MISS_DEVICE_GUARD(weight);
   const int64_t tiles = (rows / r) * (in / r);
-  static_assert(kBatMaxRank == 64, "one mma kernel per multiple of 16 up to kBatMaxRank");
-  if (weight.scalar_type() == kBFloat16 && r % kMmaDepth == 0 && aligned16(weight.const_data_ptr()) &&
+  if (weight.scalar_type() == kBFloat16 && mma_rank_fits(r) && aligned16(weight.const_data_ptr()) &&
       w_ld % 8 == 0 && aligned16(out.const_data_ptr()) && device::has_mma()) {
     const unsigned int grid = tile_grid(tiles, kMmaBlocksPerSm);
     const auto w = device::input<BFloat16>(weight, "weight");
     const auto b = device::input<float>(block_acc, "block");
     const auto res = weight.const_data_ptr() == out.const_data_ptr() ? device::inout<BFloat16>(out, "out")
                                                                      : device::output<BFloat16>(out, "out");
-    switch (r) {
-      case 16: launch_bat_transform_mma<16>(grid, w, w_ld, b, rows, in, res); break;
-      case 32: launch_bat_transform_mma<32>(grid, w, w_ld, b, rows, in, res); break;
-      case 48: launch_bat_transform_mma<48>(grid, w, w_ld, b, rows, in, res); break;
-      default: launch_bat_transform_mma<64>(grid, w, w_ld, b, rows, in, res); break;
-    }
+    with_mma_rank(r, [&](auto rank) {
+      constexpr int kRank = decltype(rank)::value;
+      MISS_LAUNCH(bat_transform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, w_ld, b, rows, in, res);
+    });
     return;
   }
   const unsigned int grid = tile_grid(tiles, kSimtBlocksPerSm);
@@ -234,21 +213,18 @@ void bat_untransform_mma(Tensor& weight, const Tensor& inverse, bool& ran) {
   const int64_t rows = weight.size(0), in = weight.size(1), r = inverse.size(-1);
   ran = false;
   MISS_DEVICE_GUARD(weight);
-  const bool fits = weight.scalar_type() == kBFloat16 && inverse.scalar_type() == kFloat && r % kMmaDepth == 0 &&
-                    r <= kBatMaxRank && weight.is_contiguous() && inverse.is_contiguous() &&
-                    aligned16(weight.const_data_ptr());
+  const bool fits = weight.scalar_type() == kBFloat16 && inverse.scalar_type() == kFloat && mma_rank_fits(r) &&
+                    weight.is_contiguous() && inverse.is_contiguous() && aligned16(weight.const_data_ptr());
   if (!fits || !device::has_mma()) return;
   ran = true;
   if (weight.numel() == 0) return;
   const auto inv = device::input<float>(inverse, "inverse");
   const auto w = device::inout<BFloat16>(weight, "weight");  // in place: each tile staged before it is written
   const unsigned int grid = tile_grid((rows / r) * (in / r), kMmaBlocksPerSm);
-  switch (r) {
-    case 16: launch_bat_untransform_mma<16>(grid, w, inv, rows, in, w); break;
-    case 32: launch_bat_untransform_mma<32>(grid, w, inv, rows, in, w); break;
-    case 48: launch_bat_untransform_mma<48>(grid, w, inv, rows, in, w); break;
-    default: launch_bat_untransform_mma<64>(grid, w, inv, rows, in, w); break;
-  }
+  with_mma_rank(r, [&](auto rank) {
+    constexpr int kRank = decltype(rank)::value;
+    MISS_LAUNCH(bat_untransform_mma_kernel<kRank>, grid, 32 * (kRank / kMmaRows), w, inv, rows, in, w);
+  });
 }
 
 }  // namespace MISS_CUDA_NAMESPACE

@@ -93,32 +93,23 @@ inline int current_device() {
   STD_CUDA_CHECK(cudaGetDevice(&device));
   return device;
 }
-// Read once per device (every launch sizes its grid by it).
-inline int sm_count() {
+// A device attribute of the current device, read once per device (launches read them on
+// every call). 0 marks "not read yet": both attributes used here are positive.
+template <cudaDeviceAttr kAttribute>
+int cached_device_attribute() {
   constexpr int kCachedDevices = 64;
   static std::atomic<int> cached[kCachedDevices] = {};
   const int device = current_device();
-  int count = device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (count == 0) {
-    STD_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    if (device < kCachedDevices) cached[device].store(count, std::memory_order_relaxed);
+  int value = device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    STD_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttribute, device));
+    if (device < kCachedDevices) cached[device].store(value, std::memory_order_relaxed);
   }
-  return count;
+  return value;
 }
-// Whether the current device has the bf16 mma.sync of compute capability 8.0, read once per device.
-inline bool has_mma() {
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> cached[kCachedDevices] = {};  // 0 unknown, 1 no, 2 yes
-  const int device = current_device();
-  int known = device < kCachedDevices ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (known == 0) {
-    int major = 0;
-    STD_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    known = major >= 8 ? 2 : 1;
-    if (device < kCachedDevices) cached[device].store(known, std::memory_order_relaxed);
-  }
-  return known == 2;
-}
+inline int sm_count() { return cached_device_attribute<cudaDevAttrMultiProcessorCount>(); }
+// Whether the current device has the bf16 mma.sync of compute capability 8.0.
+inline bool has_mma() { return cached_device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
 // torch's current stream on the current device: our kernels are ordered with its GEMMs.
 inline cudaStream_t current_stream() {
   void* stream = nullptr;

@@ -12,6 +12,7 @@
 #include "../shard_index.h"
 #include "../tensor_views.h"
 #include "device_api.cuh"
+#include "mma_tiles.cuh"  // split_bf16
 
 namespace miss {
 namespace MISS_CUDA_NAMESPACE {
@@ -281,12 +282,8 @@ MISS_GLOBAL void bf16_pieces_kernel(gptr<const float> MISS_RESTRICT t, int64_t r
                                     PiecePattern pattern, bool along_rows, gptr<BFloat16> MISS_RESTRICT out) {
   MISS_GRID_STRIDE_LOOP(index, rows * cols) {
     const int64_t n = index / cols, c = index % cols;
-    float rest = t[index];
     BFloat16 piece[3];
-    for (int p = 0; p < 3; ++p) {
-      piece[p] = static_cast<BFloat16>(rest);
-      rest -= static_cast<float>(piece[p]);  // exact: the rounding error of a float32 to 8 bits
-    }
+    split_bf16(t[index], piece);
     for (int s = 0; s < pattern.slots; ++s) {
       const int64_t at = along_rows ? (s * rows + n) * cols + c : n * pattern.slots * cols + s * cols + c;
       out[at] = piece[pattern.piece[s]];

@@ -20,10 +20,10 @@ void check_bat_layer(const char* op, const Tensor& weight, const Tensor& block) 
   check_same_device(op, "block", block, "weight", weight);
 }
 
-Tensor transformed_weight(const Tensor& weight, const Tensor& block) {
-  const Tensor w = aten::contiguous(weight);
+// W' whole, from W contiguous and the block in its accumulation dtype.
+Tensor transformed_weight(const Tensor& w, const Tensor& block_acc) {
   Tensor result = aten::empty_contiguous_like(w);
-  bat_batched::transform(w, as_accumulate(block, w), result);
+  bat_batched::transform(w, block_acc, result);
   return result;
 }
 
@@ -57,22 +57,27 @@ int64_t slab_lines(const Tensor& x, int64_t lines, int64_t line_bytes, int64_t r
   return std::max<int64_t>(r, budget_bytes / std::max<int64_t>(1, line_bytes) / r * r);
 }
 
+// f(first, count) for the slabs [first, first + count) of [0, lines), step lines each.
+template <typename F>
+void for_each_slab(int64_t lines, int64_t step, const F& f) {
+  for (int64_t first = 0; first < lines; first += step) f(first, std::min(step, lines - first));
+}
+
 // y = x W'^T (+ bias), W' built a slab of rows at a time: y's columns of that slab from one GEMM.
 Tensor linear_by_weight_slabs(const Tensor& x2d, const Tensor& w, const OptTensor& bias, const Tensor& block_acc) {
   const int64_t out = w.size(0), in = w.size(1), r = block_acc.size(-1);
   const int64_t step = slab_lines(x2d, out, in * static_cast<int64_t>(w.element_size()), r);
   Tensor y = aten::empty({x2d.size(0), out}, x2d.scalar_type(), x2d.device());
-  for (int64_t first = 0; first < out; first += step) {
-    const int64_t count = std::min(step, out - first);
-    Tensor w_slab = aten::empty({count, in}, w.scalar_type(), w.device());
-    bat_batched::transform(aten::narrow(w, 0, first, count), aten::narrow(block_acc, 0, first / r, count / r), w_slab);
+  for_each_slab(out, step, [&](int64_t first, int64_t count) {
+    const Tensor w_slab = transformed_weight(aten::narrow(w, 0, first, count),
+                                             aten::narrow(block_acc, 0, first / r, count / r));
     Tensor y_slab = aten::narrow(y, 1, first, count);
     if (defined(bias)) {
       aten::addmm_out(y_slab, aten::narrow(*bias, 0, first, count), x2d, aten::t(w_slab));
     } else {
       aten::mm_out(y_slab, x2d, aten::t(w_slab));
     }
-  }
+  });
   return y;
 }
 
@@ -81,13 +86,10 @@ Tensor grad_x_by_weight_slabs(const Tensor& dy, const Tensor& w, const Tensor& b
   const int64_t out = w.size(0), in = w.size(1), r = block_acc.size(-1);
   const int64_t step = slab_lines(dy, in, out * static_cast<int64_t>(w.element_size()), r);
   Tensor dx = aten::empty({dy.size(0), in}, dy.scalar_type(), dy.device());
-  for (int64_t first = 0; first < in; first += step) {
-    const int64_t count = std::min(step, in - first);
-    Tensor w_slab = aten::empty({out, count}, w.scalar_type(), w.device());
-    bat_batched::transform(aten::narrow(w, 1, first, count), block_acc, w_slab);
+  for_each_slab(in, step, [&](int64_t first, int64_t count) {
     Tensor dx_slab = aten::narrow(dx, 1, first, count);
-    aten::mm_out(dx_slab, dy, w_slab);
-  }
+    aten::mm_out(dx_slab, dy, transformed_weight(aten::narrow(w, 1, first, count), block_acc));
+  });
   return dx;
 }
 
@@ -104,7 +106,7 @@ void check_x_for_weight(const char* op, const Tensor& x, const Tensor& weight) {
 Tensor bat_weight(const Tensor& weight, const Tensor& block) {
   check_bat_layer("bat_weight", weight, block);
   const OptionalDeviceGuard guard(weight);
-  return transformed_weight(weight, block);
+  return transformed_weight(aten::contiguous(weight), as_accumulate(block, weight));
 }
 
 Tensor bat_block_grad(const Tensor& grad_weight, const Tensor& weight, int64_t r) {
@@ -145,12 +147,12 @@ Tensor bat_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
     check_same_dtype(op, "bias", *bias, "weight", weight);
   }
   const OptionalDeviceGuard guard(x);
-  if (!on_cuda_path(x)) return aten::linear(x, transformed_weight(weight, block), bias);
-  const Tensor w = aten::contiguous(weight);
+  const Tensor w = aten::contiguous(weight), block_acc = as_accumulate(block, w);
+  if (!on_cuda_path(x)) return aten::linear(x, transformed_weight(w, block_acc), bias);
   const Tensor x2d = aten::reshape(x, {num_rows(x), weight.size(1)});
   std::vector<int64_t> y_sizes(x.sizes().begin(), x.sizes().end());
   y_sizes.back() = weight.size(0);
-  return aten::view(linear_by_weight_slabs(x2d, w, bias, as_accumulate(block, w)), y_sizes);
+  return aten::view(linear_by_weight_slabs(x2d, w, bias, block_acc), y_sizes);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
@@ -171,13 +173,16 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
   const bool need_x = output_mask[0], need_weight = output_mask[1], need_block = output_mask[2];
   const int64_t rows = num_rows(x), in = weight.size(1), out = weight.size(0);
   const Tensor dy = aten::reshape(grad_out, {rows, out});
+  // Once for the whole backward: W contiguous, and the block in the accumulation dtype (for
+  // W', and for dW).
+  const Tensor w = aten::contiguous(weight);
+  const Tensor block_acc = need_x || need_weight ? as_accumulate(block, w) : Tensor();
 
   Tensor grad_x = aten::empty({0}, x.scalar_type(), x.device());
-  if (need_x && on_cuda_path(x)) {
-    const Tensor w = aten::contiguous(weight);
-    grad_x = aten::view(grad_x_by_weight_slabs(dy, w, as_accumulate(block, w)), x.sizes());
-  } else if (need_x) {
-    grad_x = aten::view(aten::mm(dy, transformed_weight(weight, block)), x.sizes());
+  if (need_x) {
+    const Tensor dx = on_cuda_path(x) ? grad_x_by_weight_slabs(dy, w, block_acc)
+                                      : aten::mm(dy, transformed_weight(w, block_acc));
+    grad_x = aten::view(dx, x.sizes());
   }
 
   Tensor grad_weight = aten::empty({0}, weight.scalar_type(), weight.device());
@@ -190,21 +195,17 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
     const Tensor x2d = aten::reshape(x, {rows, in});
     const Tensor dy_t = aten::t(dy);
     const int64_t r = block.size(-1), step = slab_lines(x, in, out * static_cast<int64_t>(sizeof(float)), r);
-    // Once for every slab: W contiguous, and the block in the accumulation dtype.
-    const Tensor w = aten::contiguous(weight);
-    const Tensor block_acc = need_weight ? as_accumulate(block, x) : Tensor();
     if (need_block) grad_block = aten::empty({out / r, r, r}, acc, block.device());
     if (need_weight) grad_weight = aten::empty_contiguous_like(w);
     // G a slab of whole r-column blocks at a time: dB_k sums over the tiles of every slab.
-    for (int64_t first = 0; first < in; first += step) {
-      const int64_t count = std::min(step, in - first);
+    for_each_slab(in, step, [&](int64_t first, int64_t count) {
       const Tensor g = mm_accumulate(dy_t, aten::narrow(x2d, 1, first, count), acc);
       if (need_block) bat_batched::block_grad(g, aten::narrow(w, 1, first, count), grad_block, first > 0);
       if (need_weight) {  // written straight into its columns of grad_weight, in W's dtype
         Tensor slab = aten::narrow(grad_weight, 1, first, count);
         bat_batched::weight_grad(g, block_acc, slab);
       }
-    }
+    });
     if (need_block) grad_block = aten::to(grad_block, block.scalar_type());
   }
   return {grad_x, grad_weight, grad_block};
