@@ -18,6 +18,11 @@ The model (every figure is an assumption, stated here and in the results file):
   float32 multiply-adds they declare to the emulator at SIMT_KERNEL_EFFICIENCY of the float32
   peak, and their warp-wide bf16 tensor-core products (mma.sync m16n8k16, 4096 FLOPs each,
   counted by the emulator) at MMA_KERNEL_EFFICIENCY of the bf16 peak.
+- A latency-bound kernel (the inverse of unmerge: a chain of dependent steps in one block per
+  matrix) takes at least its barriers per block (counted by the emulator) times
+  BARRIER_PHASE_US, the time of one barrier-separated phase.
+- A copy to the host that the host waits for (unmerge reads the condition numbers there)
+  costs HOST_COPY_US, whatever its few bytes, and the GPU idles meanwhile.
 - Dropout is integer work: each Philox4x32-10 call (counted per launch by the emulator for our
   kernels; one per 4 elements for torch's dropout) costs PHILOX_INT_OPS INT32 instructions,
   and a kernel takes the longer of its memory time and its integer time.
@@ -67,6 +72,12 @@ SIMT_KERNEL_EFFICIENCY = 0.4
 # without an asynchronous pipeline, reaches well under it.
 MMA_KERNEL_EFFICIENCY = 0.3
 MMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16 product
+# One barrier-separated phase of a latency-bound kernel (assumed): a few dependent shared-memory
+# round trips (~30 cycles each) and a barrier, ~200 cycles at the H100's/H200's ~1.98 GHz.
+BARRIER_PHASE_US = 0.1
+# A small synchronising device-to-host copy: the copy's PCIe/NVLink latency and the host's wait
+# for the stream (assumed).
+HOST_COPY_US = 10.0
 
 ASSUMPTIONS = {
     "gemm_efficiency": GEMM_EFFICIENCY, "memory_efficiency": MEMORY_EFFICIENCY,
@@ -74,6 +85,7 @@ ASSUMPTIONS = {
     "host_us_per_aten_call": HOST_US_PER_ATEN_CALL, "host_us_per_python_call": HOST_US_PER_PYTHON_CALL,
     "philox_int_ops": PHILOX_INT_OPS, "int_efficiency": INT_EFFICIENCY,
     "simt_kernel_efficiency": SIMT_KERNEL_EFFICIENCY, "mma_kernel_efficiency": MMA_KERNEL_EFFICIENCY,
+    "barrier_phase_us": BARRIER_PHASE_US, "host_copy_us": HOST_COPY_US,
     "torch_dropout": "torch's CUDA dropout draws 4 uniforms per Philox call (one call per 4 elements)",
     "peak_sources": "NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM, dense)",
     "fp32_matmul": "float32 GEMMs on SIMT cores (torch.backends.cuda.matmul.allow_tf32 defaults to False)",
@@ -146,8 +158,11 @@ def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
             philox_us = call.philox_calls * PHILOX_INT_OPS / int_rate * 1e6
             fma_us = 2 * call.fmas / (gpu["fp32_tflops"] * 1e12 * SIMT_KERNEL_EFFICIENCY) * 1e6
             mma_us = call.mmas * MMA_FLOPS / (gpu["bf16_tflops"] * 1e12 * MMA_KERNEL_EFFICIENCY) * 1e6
+            latency_us = call.barriers * BARRIER_PHASE_US
             flops = 2 * call.fmas + call.mmas * MMA_FLOPS
-            us, kind = max(bytes_ / bandwidth * 1e6, philox_us, fma_us, mma_us), "kernel"
+            us, kind = max(bytes_ / bandwidth * 1e6, philox_us, fma_us, mma_us, latency_us), "kernel"
+        elif call.name == "copy_to_host":
+            bytes_, flops, kind, us = 0, 0, "host wait", HOST_COPY_US
         elif call.name in GEMMS:
             flops, bytes_, dtype = gemm_cost(call)
             compute = flops / (_peak_tflops(gpu, dtype) * 1e12 * GEMM_EFFICIENCY)

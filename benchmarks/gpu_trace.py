@@ -28,6 +28,12 @@ from torch.profiler import ProfilerActivity, profile
 
 KERNEL, STAND_IN = "miss::cuda_kernel::", "miss::cuda_stand_in::"
 
+# How a kernel's barriers per block grow from the probe to the target shape: as scale^e. The
+# inverse of I + B_k takes 2r + 4 (e = 1); the fold's blocks take runs of rows that grow with N
+# (e = 1); the tile kernels' blocks take a fixed share of a fixed number of tiles (out/r x in/r)
+# and the other kernels have none (e = 0).
+BARRIER_GROWTH = {"bat_inverse_kernel": 1, "shard_fold_kernel": 1}
+
 
 @dataclasses.dataclass
 class Call:
@@ -40,6 +46,7 @@ class Call:
     philox_calls: int = 0  # kernels: Philox4x32-10 evaluations (dropout), at the target shape
     fmas: int = 0  # kernels: float32 multiply-adds the kernel declared, at the target shape
     mmas: int = 0  # kernels: warp-wide m16n8k16 bf16 tensor-core products, at the target shape
+    barriers: int = 0  # kernels: the most __syncthreads one block passes, at the target shape
 
 
 @dataclasses.dataclass
@@ -200,9 +207,11 @@ def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[T
                     # multiply-adds of a tile product grow with out * in * r: three scaled dims
                     fmas = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("fma="))
                     mmas = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("mma="))
+                    barriers = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("barriers="))
+                    barriers *= scale ** BARRIER_GROWTH.get(line[0].split("<")[0], 0)
                     index = len(calls)
                     calls.append(Call(name[len(KERNEL):], [], [], buffers, phase, philox * scale * scale,
-                                      fmas * scale ** 3, mmas * scale ** 3))
+                                      fmas * scale ** 3, mmas * scale ** 3, barriers))
                     skip_until = end
                 elif name not in FREE and name not in PASS_THROUGH and not _is_autograd_node(name):
                     index = len(calls)

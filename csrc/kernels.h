@@ -54,9 +54,15 @@ struct PiecePattern {
   void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate, \
                           bool& ran);                                                                      \
   /* W <- W M_k + M_k - I per r x r tile, M_k = inv(I + B_k) float32 [out / r, r, r] (bat unmerge: */      \
-  /* (W' - B_k) M_k) on tensor cores, in place, W bf16 contiguous; ran = false (nothing done) */            \
-  /* where the kernel cannot run: the caller then uses float64 GEMMs */                                      \
-  void bat_untransform_mma(Tensor& weight, const Tensor& inverse, bool& ran);
+  /* (W' - B_k) M_k) on tensor cores, in place; only where bat_untransform_mma_fits(W, r) */                  \
+  void bat_untransform_mma(Tensor& weight, const Tensor& inverse);                                          \
+  /* whether bat_untransform_mma takes this weight and rank (bf16, contiguous, aligned, r % 16 */            \
+  /* == 0, r <= 64, a device with mma.sync); else unmerge runs as float64 GEMMs */                          \
+  void bat_untransform_mma_fits(const Tensor& weight, int64_t r, bool& fits);                               \
+  /* inverse[k] = inv(I + B_k) (float32 or float64) and condition[k] its 1-norm condition */                \
+  /* number (float64; +inf where singular), computed in float64; block_acc [K, r, r] float32 */             \
+  /* or float64 contiguous, r <= kBatMaxRank */                                                              \
+  void bat_inverse(const Tensor& block_acc, Tensor& inverse, Tensor& condition);
 
 namespace miss {
 

@@ -159,3 +159,18 @@ def test_launch_count_does_not_grow_with_tokens():
     small = recorded("standard")
     large = recorded("standard", shape=gpu_trace.Shape(8 * SHAPE.tokens, 256, 256, 16, 4))
     assert names(small) == names(large)
+
+
+def test_bat_unmerge_is_one_inverse_one_wait_one_kernel():
+    """A bf16 bat unmerge on the CUDA path: the inverses and condition numbers of every I + B_k
+    in one launch, one copy of the condition numbers to the host (which must see them before
+    it touches W), then the tensor-core kernel; no ATen linear algebra (on a GPU, a dozen
+    launches and cuSOLVER/MAGMA loaded at the first call). Its barriers grow with r, which the
+    cost model prices."""
+    shape = gpu_trace.Shape(tokens=64, in_features=128, out_features=128, r=16, mini_r=4)
+    weight = torch.randn(shape.out_features, shape.in_features).bfloat16()
+    block = torch.randn(shape.out_features // shape.r, shape.r, shape.r) * 0.02
+    trace = gpu_trace.record(lambda: EMU.unmerge_(weight, block), shape, 1, ("miss_emulated_cuda::unmerge_",),
+                             lambda: EMU.launch_log(clear=True))
+    assert names(trace) == ["bat_inverse_kernel<scalar_t>", "copy_to_host", "bat_untransform_mma_kernel<kRank>"]
+    assert trace.calls[0].barriers == 2 * shape.r + 4

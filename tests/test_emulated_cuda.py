@@ -164,7 +164,8 @@ def test_every_kernel_runs_under_the_emulator():
     import re
 
     sources = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-    kernels = {name for f in sources.glob("*.cuh") for name in re.findall(r"MISS_GLOBAL void (\w+)", f.read_text())}
+    declared = r"MISS_GLOBAL void (?:MISS_LAUNCH_BOUNDS\(\w+ \* \w+\) )?(\w+)"
+    kernels = {name for f in sources.glob("*.cuh") for name in re.findall(declared, f.read_text())}
     EMU.launch_log(clear=True)
     x, weight, gen = rand((3, 12)), rand((8, 12)), generator(15)
     y, fold = EMU.shard_linear(x, weight, None, rand((3, 4), gen=gen), P, seed_tensor(1))
@@ -317,16 +318,18 @@ def test_bat_block_grad_on_tensor_cores_sums_every_slab(r):
 
 @pytest.mark.parametrize("r", [16, 64])
 def test_bat_unmerge_on_tensor_cores_restores_the_weight(r):
-    """Unmerge of a bf16 W in place (runs of tiles per block across row-blocks, as in the
-    transform) returns W within the CPU's float64 path's error, and refuses what that refuses."""
+    """Unmerge of a bf16 W in place (at r 16, runs of tiles per block across row-blocks, as in
+    the transform) returns W within the CPU's float64 path's error, and refuses what that
+    refuses. The inverses come from one launch of bat_inverse_kernel."""
     gen = generator(53 + r)
-    out_features, in_features = 40 * r, 3 * r
+    out_features, in_features = (40 if r == 16 else 2) * r, 3 * r  # r 64: two matrices (the emulator is slow)
     weight, block = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen), bat_block(out_features, r, gen=gen)
     merged = CPU.bat_weight(weight, block)
     emulated, cpu = merged.clone(), merged.clone()
     EMU.launch_log(clear=True)
     EMU.unmerge_(emulated, block)
-    assert [line.split()[0] for line in EMU.launch_log(clear=True)] == ["bat_untransform_mma_kernel<kRank>"]
+    assert [line.split()[0] for line in EMU.launch_log(clear=True)] == ["bat_inverse_kernel<scalar_t>",
+                                                                     "bat_untransform_mma_kernel<kRank>"]
     CPU.unmerge_(cpu, block)
     check(emulated, cpu, weight.double(), "unmerged")
     singular = block.clone()
@@ -335,6 +338,54 @@ def test_bat_unmerge_on_tensor_cores_restores_the_weight(r):
     with pytest.raises(RuntimeError, match=r"I \+ block\[1\] is singular"):
         EMU.unmerge_(merged, singular)
     assert torch.equal(merged, before)
+
+
+def _blocks_for_the_inverse(r, gen):
+    """[4, r, r] blocks whose I + B_k need what Gauss-Jordan must get right: a random
+    well-conditioned one, a permutation (a zero diagonal: row swaps at every step), one whose
+    pivots come from the last rows (I + B lower anti-triangular plus noise), and one of
+    1-norm condition number in the thousands (accepted, and its error amplified)."""
+    eye = torch.eye(r)
+    random = rand((r, r), gen=gen, scale=0.3 / r ** 0.5)
+    permutation = torch.roll(eye, 1, 0) - eye
+    anti = torch.flip(torch.tril(torch.ones(r, r)), [1]) + rand((r, r), gen=gen, scale=0.01) - eye
+    u, _, v = torch.linalg.svd(eye + rand((r, r), gen=gen, scale=0.3 / r ** 0.5))
+    spread = u @ torch.diag(torch.logspace(0, -3, r)) @ v - eye
+    return torch.stack([random, permutation, anti, spread])
+
+
+@pytest.mark.parametrize("r,dtype", [(r, dtype) for r in (4, 12, 16) for dtype in (torch.float32, torch.bfloat16,
+                                                                                 torch.float64)]
+                         + [(32, torch.bfloat16)],  # 2 rows per thread (the emulator takes ~20 s)
+                         ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, int) else f"r{v}")
+def test_bat_inverse_kernel_matches_the_cpu_inverse(r, dtype):
+    """The CUDA path's inverse of I + B_k (Gauss-Jordan with row pivoting, bat_inverse_kernel,
+    under the race detector) against LAPACK's on the CPU: the unmerged weight agrees with the
+    CPU's within twice its error of the float64 oracle (bf16 W on tensor cores at r % 16 == 0,
+    else the float64 GEMMs), its barriers per block are 2r + 4, and the refusals are the CPU's
+    (singular; ill-conditioned, with the same condition number in the message)."""
+    gen = generator(61 + r)
+    block = _blocks_for_the_inverse(r, gen).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    weight = rand((4 * r, 2 * r), dtype=dtype, gen=gen)
+    merged = CPU.bat_weight(weight, block)
+    emulated, cpu = merged.clone(), merged.clone()
+    EMU.launch_log(clear=True)
+    EMU.unmerge_(emulated, block)
+    inverse_launch = EMU.launch_log(clear=True)[0].split()
+    assert inverse_launch[0] == "bat_inverse_kernel<scalar_t>" and f"barriers={2 * r + 4}" in inverse_launch
+    CPU.unmerge_(cpu, block)
+    check(emulated, cpu, reference.unmerged(merged, block), "unmerged")
+    for k, broken in ((2, -torch.eye(r)), (3, torch.diag(torch.logspace(0, -5, r)) - torch.eye(r))):
+        bad = block.clone()
+        bad[k] = broken.to(bad.dtype)
+        messages = []
+        for ops in (EMU, CPU):
+            target = merged.clone()
+            with pytest.raises(RuntimeError) as error:
+                ops.unmerge_(target, bad)
+            assert torch.equal(target, merged)
+            messages.append(str(error.value).splitlines()[0])
+        assert messages[0] == messages[1] and f"block[{k}]" in messages[0], messages
 
 
 def test_bat_transform_kernel_reuses_its_shared_tile_safely():

@@ -1,4 +1,5 @@
-// BAT's transform and its inverse as CUDA kernels (kernels.h bat_transform, bat_untransform_mma):
+// BAT's transform and its inverse as CUDA kernels (kernels.h bat_transform, bat_untransform_mma;
+// the inverses of I + B_k themselves: bat_inverse_kernels.cuh):
 // W'_kj = W_kj + W_kj B_k + B_k for every r x r tile (forward, dx, merge) and W_kj =
 // (W'_kj - B_k) inv(I + B_k) (unmerge), computed in float32 and written once in W's dtype. The
 // batched-GEMM form (ops/bat_batched.cpp) needs W and W' as weight-sized float32 tensors when
@@ -209,15 +210,23 @@ void bat_transform(const Tensor& weight, const Tensor& block_acc, Tensor& out) {
   });
 }
 
-void bat_untransform_mma(Tensor& weight, const Tensor& inverse, bool& ran) {
-  const int64_t rows = weight.size(0), in = weight.size(1), r = inverse.size(-1);
-  ran = false;
+void bat_untransform_mma_fits(const Tensor& weight, int64_t r, bool& fits) {
+  fits = false;
+  if (weight.scalar_type() != kBFloat16 || !mma_rank_fits(r) || !weight.is_contiguous() ||
+      !aligned16(weight.const_data_ptr())) {
+    return;
+  }
   MISS_DEVICE_GUARD(weight);
-  const bool fits = weight.scalar_type() == kBFloat16 && inverse.scalar_type() == kFloat && mma_rank_fits(r) &&
-                    weight.is_contiguous() && inverse.is_contiguous() && aligned16(weight.const_data_ptr());
-  if (!fits || !device::has_mma()) return;
-  ran = true;
+  fits = device::has_mma();
+}
+
+void bat_untransform_mma(Tensor& weight, const Tensor& inverse) {
+  const int64_t rows = weight.size(0), in = weight.size(1), r = inverse.size(-1);
+  bool fits = false;
+  bat_untransform_mma_fits(weight, r, fits);
+  MISS_INTERNAL_ASSERT(fits && inverse.scalar_type() == kFloat && inverse.is_contiguous());
   if (weight.numel() == 0) return;
+  MISS_DEVICE_GUARD(weight);
   const auto inv = device::input<float>(inverse, "inverse");
   const auto w = device::inout<BFloat16>(weight, "weight");  // in place: each tile staged before it is written
   const unsigned int grid = tile_grid((rows / r) * (in / r), kMmaBlocksPerSm);

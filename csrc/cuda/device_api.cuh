@@ -45,6 +45,9 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
 #ifndef MISS_EMULATE_CUDA  // ---------------------------------------------- the GPU ----------
 
 #define MISS_GLOBAL __global__
+// The most threads a kernel's blocks have: the compiler then keeps its registers within what
+// a block of that many fits in (64 each at 1024 threads).
+#define MISS_LAUNCH_BOUNDS(threads) __launch_bounds__(threads)
 #define MISS_DEVICE __device__ __forceinline__
 #define MISS_RESTRICT __restrict__
 #define MISS_SYNC_THREADS() __syncthreads()
@@ -136,6 +139,7 @@ T* inout(Tensor& t, const char*) { return t.mutable_data_ptr<T>(); }
 #else  // ------------------------------------------------------------------ the emulator ------
 
 #define MISS_GLOBAL
+#define MISS_LAUNCH_BOUNDS(threads)
 #define MISS_DEVICE inline
 #define MISS_RESTRICT
 #define MISS_SYNC_THREADS() ::miss::emu::sync_threads()

@@ -4,3 +4,4 @@
 #include "shard_kernels.cuh"
 #include "bat_kernels.cuh"
 #include "bat_grad_kernels.cuh"
+#include "bat_inverse_kernels.cuh"

@@ -5,3 +5,4 @@
 #include "../cuda/shard_kernels.cuh"
 #include "../cuda/bat_kernels.cuh"
 #include "../cuda/bat_grad_kernels.cuh"
+#include "../cuda/bat_inverse_kernels.cuh"

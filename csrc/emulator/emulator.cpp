@@ -83,6 +83,7 @@ struct Launch {
   uint64_t philox_calls = 0;  // of the running launch
   uint64_t fma_count = 0;     // float fused multiply-adds the running launch declared
   uint64_t mma_count = 0;     // warp-wide m16n8k16 products of the running launch
+  int64_t max_barriers = 0;   // the most barriers one block of the running launch passed
   std::vector<WarpExchange> warps;  // of the running block
   const std::function<void()>* body = nullptr;
 };
@@ -234,6 +235,7 @@ void run_block(int64_t block_id, Dim3 grid, Dim3 block) {
         return;
       }
       ++state.epoch;
+      state.max_barriers = std::max(state.max_barriers, state.epoch);
       for (int64_t t = 0; t < threads; ++t) state.fibers[t].state = FiberState::kRunnable;
       continue;
     }
@@ -414,6 +416,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   state.philox_calls = 0;
   state.fma_count = 0;
   state.mma_count = 0;
+  state.max_barriers = 0;
   state.kernel = kernel;
   state.error.clear();
   state.shadow.clear();
@@ -436,6 +439,7 @@ void launch(const char* kernel, Dim3 grid, Dim3 block, const std::function<void(
   if (state.philox_calls) launch_log().back() += " philox=" + std::to_string(state.philox_calls);
   if (state.fma_count) launch_log().back() += " fma=" + std::to_string(state.fma_count);
   if (state.mma_count) launch_log().back() += " mma=" + std::to_string(state.mma_count);
+  if (state.max_barriers) launch_log().back() += " barriers=" + std::to_string(state.max_barriers);
   state.buffers.clear();
   state.shared.clear();
   state.shared_storage.clear();

@@ -51,7 +51,9 @@ Config& config();
 
 // One line per launch since the last clear: "kernel grid=(x,y,z) block=(x,y,z)" and then
 // "name:role:bytes" for each buffer it was given (role in, out or inout), then "philox=N",
-// "fma=N" and "mma=N" (warp-wide m16n8k16 tensor-core products) when the kernel counted any.
+// "fma=N" and "mma=N" (warp-wide m16n8k16 tensor-core products) when the kernel counted any,
+// and "barriers=N", the most __syncthreads one block passed (a latency-bound kernel's chain of
+// dependent phases), when there were any.
 std::vector<std::string>& launch_log();
 
 // Declares a buffer the next launch may access: [base, base + bytes), elements of

@@ -78,14 +78,6 @@ void weight_grad(const Tensor& grad_weight, const Tensor& block_acc, Tensor& out
 
 void unmerge(Tensor& weight, const Tensor& block_acc, const Tensor& inverse) {
   if (weight.numel() == 0) return;
-  if (on_cuda_path(weight) && weight.scalar_type() == kBFloat16) {
-    // W = W' M_k + M_k - I per tile on tensor cores (B_k M_k = I - M_k): M_k rounded once to
-    // float32, which the kernel's three bf16 pieces of it hold exactly; the float32 products
-    // and sums add error far below the bf16 rounding of W, even amplified by cond(I + B_k).
-    bool ran = false;
-    MISS_CALL_CUDA_ONLY(bat_untransform_mma, weight, aten::contiguous(aten::to(inverse, kFloat)), ran);
-    if (ran) return;
-  }
   // float64 here: the inverse amplifies rounding by cond(I + B_k), and unmerge must return
   // W within rounding of what was merged.
   Tensor shifted = row_blocks(weight, block_acc.size(-1), kDouble, /*copy=*/true);

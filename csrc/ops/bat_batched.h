@@ -18,7 +18,8 @@ void transform(const Tensor& weight, const Tensor& block_acc, Tensor& out);
 void block_grad(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate = false);
 // out_kj = G_kj (I + B_k)^T, the gradient of transform with respect to W.
 void weight_grad(const Tensor& grad_weight, const Tensor& block_acc, Tensor& out);
-// W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64.
+// W_kj <- (W_kj - B_k) inverse_k, inverse_k = inv(I + B_k) in float64 (the unmerge of every
+// case the tensor-core kernel bat_untransform_mma does not take).
 void unmerge(Tensor& weight, const Tensor& block_acc, const Tensor& inverse);
 
 }  // namespace bat_batched

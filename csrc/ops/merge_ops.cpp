@@ -30,36 +30,58 @@ void check_weight_for_merge(const char* op, const Tensor& weight, const Tensor& 
   }
 }
 
-// inv(I + B_k) for every k, in float64, after checking that each I + B_k is well conditioned
-// (1-norm condition number at most kMaxUnmergeCondition): past that, unmerge would amplify
-// the rounding of the merged weight into a visibly wrong W.
 // The 1-norm of every matrix of a batch [K, r, r]: the largest column sum of |a|, as
 // torch.linalg.matrix_norm(a, 1) computes it.
 Tensor one_norms(const Tensor& a) { return torch::stable::amax(aten::sum(aten::abs(a), std::vector<int64_t>{-2}), -1); }
 
-Tensor checked_inverse_of_identity_plus(const Tensor& block) {
-  const int64_t r = block.size(-1);
-  const Tensor a = aten::add(aten::to(block, kDouble), aten::eye(r, kDouble, block.device()));
-  auto [inverse, info] = aten::linalg_inv_ex(a);
-  const Tensor condition = aten::mul(one_norms(a), one_norms(inverse));
+// inv(I + B_k) for every k, computed in float64 and returned in `dtype`, after checking that
+// each I + B_k is well conditioned (1-norm condition number at most kMaxUnmergeCondition):
+// past that, unmerge would amplify the rounding of the merged weight into a visibly wrong W.
+// On the CUDA path one kernel computes the inverses and condition numbers (bat_inverse_kernels.cuh);
+// elsewhere, and for r past its shared memory, ATen's batched inverse does.
+Tensor checked_inverse_of_identity_plus(const Tensor& block_acc, ScalarType dtype) {
+  const int64_t k_blocks = block_acc.size(0), r = block_acc.size(-1);
+  Tensor inverse, condition, info;
+  if (on_cuda_path(block_acc) && r <= kBatMaxRank) {
+    inverse = aten::empty(block_acc.sizes(), dtype, block_acc.device());
+    condition = aten::empty({k_blocks}, kDouble, block_acc.device());
+    MISS_CALL_CUDA_ONLY(bat_inverse, block_acc, inverse, condition);  // +inf where singular
+  } else {
+    const Tensor a = aten::add(aten::to(block_acc, kDouble), aten::eye(r, kDouble, block_acc.device()));
+    auto [inverse64, info_] = aten::linalg_inv_ex(a);
+    condition = aten::mul(one_norms(a), one_norms(inverse64));
+    inverse = aten::contiguous(aten::to(inverse64, dtype));
+    info = info_;
+  }
   // One copy of each to the host, read there: an ATen call per block would cost more host time
   // than the whole unmerge takes on a GPU.
   const torch::stable::Device cpu(torch::headeronly::DeviceType::CPU);
-  const Tensor info_cpu = aten::contiguous(aten::to(aten::to(info, cpu), kLong));
+  // On a GPU a synchronising device-to-host copy (on the emulated device, where the tensors
+  // are already on the host, the range still shows it to the cost model).
+  const ProfilerRange range("miss::cuda_stand_in::copy_to_host", {&condition});
   const Tensor condition_cpu = aten::contiguous(aten::to(condition, cpu));
-  const int64_t* infos = info_cpu.const_data_ptr<int64_t>();
   const double* conditions = condition_cpu.const_data_ptr<double>();
-  for (int64_t k = 0; k < block.size(0); ++k) {
+  Tensor info_cpu;
+  if (info.defined()) info_cpu = aten::contiguous(aten::to(aten::to(info, cpu), kLong));
+  for (int64_t k = 0; k < k_blocks; ++k) {
     const double c = conditions[k];
+    const bool factored = !info_cpu.defined() || info_cpu.const_data_ptr<int64_t>()[k] == 0;
     // A singular matrix has no finite condition number (the inverse is Inf/NaN): say singular.
-    MISS_CHECK(infos[k] == 0 && std::isfinite(c), "miss.unmerge_: I + block[",
+    MISS_CHECK(factored && std::isfinite(c), "miss.unmerge_: I + block[",
                 k, "] is singular: the bat merge cannot be undone; weight left unchanged");
     MISS_CHECK(c <= kMaxUnmergeCondition, "miss.unmerge_: I + block[", k,
                 "] is ill-conditioned (1-norm condition number ", c, ", at most ",
                 kMaxUnmergeCondition, " accepted): the bat merge cannot be undone; weight left "
                 "unchanged");
   }
-  return aten::contiguous(inverse);
+  return inverse;
+}
+
+// Whether unmerge runs on tensor cores (and so takes the inverse in float32).
+bool unmerge_on_tensor_cores(const Tensor& weight, int64_t r) {
+  bool fits = false;
+  if (on_cuda_path(weight)) MISS_CALL_CUDA_ONLY(bat_untransform_mma_fits, weight, r, fits);
+  return fits;
 }
 
 }  // namespace
@@ -94,8 +116,12 @@ void unmerge_(Tensor& weight, const Tensor& block) {
     MISS_ROUTE(weight, shard_merge, weight, block_acc, -1.0f, weight);
     return;
   }
-  const Tensor inverse = checked_inverse_of_identity_plus(block);
-  bat_batched::unmerge(weight, block_acc, inverse);
+  if (unmerge_on_tensor_cores(weight, block.size(-1))) {
+    const Tensor inverse = checked_inverse_of_identity_plus(block_acc, kFloat);
+    MISS_CALL_CUDA_ONLY(bat_untransform_mma, weight, inverse);
+    return;
+  }
+  bat_batched::unmerge(weight, block_acc, checked_inverse_of_identity_plus(block_acc, kDouble));
 }
 
 }  // namespace miss
