@@ -502,3 +502,17 @@ def check_bat_layer(case: BatCase, *, dtype=torch.float32, block_dtype=None, dev
     oracle_grads, same_grads = grads_oracle_and_same(reference.bat_linear, inputs, [grad_out], [0, 1, 2, 3])
     for name, g, o, s, t in zip(("x", "weight", "bias", "block"), grads, oracle_grads, same_grads, inputs):
         assert_close_to_oracle(g, o, s, dtype=t.dtype, what=f"bat_linear grad_{name}")
+
+
+def blocks_for_the_inverse(r, gen):
+    """[4, r, r] blocks whose I + B_k need what Gauss-Jordan must get right: a random
+    well-conditioned one, a permutation (a zero diagonal: row swaps at every step), one whose
+    pivots come from the last rows (I + B lower anti-triangular plus noise), and one of
+    1-norm condition number in the thousands (accepted, and its error amplified)."""
+    eye = torch.eye(r)
+    random = rand((r, r), gen=gen, scale=0.3 / r ** 0.5)
+    permutation = torch.roll(eye, 1, 0) - eye
+    anti = torch.flip(torch.tril(torch.ones(r, r)), [1]) + rand((r, r), gen=gen, scale=0.01) - eye
+    u, _, v = torch.linalg.svd(eye + rand((r, r), gen=gen, scale=0.3 / r ** 0.5))
+    spread = u @ torch.diag(torch.logspace(0, -3, r)) @ v - eye
+    return torch.stack([random, permutation, anti, spread])

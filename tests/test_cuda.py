@@ -17,6 +17,7 @@ from conftest import (
     SHARD_CASES,
     assert_close_to_oracle,
     bat_block,
+    blocks_for_the_inverse,
     check_bat_layer,
     check_shard_layer,
     dtype_id,
@@ -224,3 +225,29 @@ def test_bat_on_tensor_cores_matches_cpu():
     miss_ext.unmerge_(merged_gpu, block.cuda())
     miss_ext.unmerge_(merged_cpu, block)
     assert_close_to_oracle(merged_gpu.cpu(), weight.double(), merged_cpu, what="unmerged")
+
+
+@pytest.mark.parametrize("r,dtype", [(64, torch.bfloat16), (12, torch.float32)], ids=["r64-bf16", "r12-fp32"])
+def test_bat_unmerge_inverse_kernel_matches_cpu(r, dtype):
+    """bat_inverse_kernel (float64 Gauss-Jordan, one block per matrix; 1024 threads at r 64)
+    on the hardware: blocks that need row swaps and one of condition number in the thousands
+    unmerge as on the CPU, and the refusals (singular, ill-conditioned) carry the CPU's message."""
+    gen = generator(71 + r)
+    block = blocks_for_the_inverse(r, gen)
+    weight = rand((4 * r, 2 * r), dtype=dtype, gen=gen)
+    merged = torch.ops.miss.bat_weight(weight, block)
+    on_gpu, on_cpu = merged.cuda(), merged.clone()
+    miss_ext.unmerge_(on_gpu, block.cuda())
+    miss_ext.unmerge_(on_cpu, block)
+    assert_close_to_oracle(on_gpu.cpu(), reference.unmerged(merged, block), on_cpu, what="unmerged")
+    for k, broken in ((2, -torch.eye(r)), (3, torch.diag(torch.logspace(0, -5, r)) - torch.eye(r))):
+        bad = block.clone()
+        bad[k] = broken
+        messages = []
+        for device in (CUDA, "cpu"):
+            target = merged.to(device)
+            with pytest.raises(RuntimeError) as error:
+                miss_ext.unmerge_(target, bad.to(device))
+            assert torch.equal(target.cpu(), merged)
+            messages.append(str(error.value).splitlines()[0])
+        assert messages[0] == messages[1], messages

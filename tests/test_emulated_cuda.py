@@ -16,7 +16,7 @@ import torch
 import miss_ext  # noqa: F401  (loads the op library)
 from miss_ext import reference
 
-from conftest import assert_close_to_oracle, bat_block, generator, make_x, rand, ref_shard_tile_add, seed_tensor
+from conftest import assert_close_to_oracle, bat_block, blocks_for_the_inverse, generator, make_x, rand, ref_shard_tile_add, seed_tensor
 
 if not hasattr(torch.ops, "miss_emulated_cuda") or not hasattr(torch.ops.miss_emulated_cuda, "shard_fold"):
     pytest.skip("miss_ext was built without the CUDA emulator (MISS_WITH_EMULATOR=1)", allow_module_level=True)
@@ -340,20 +340,6 @@ def test_bat_unmerge_on_tensor_cores_restores_the_weight(r):
     assert torch.equal(merged, before)
 
 
-def _blocks_for_the_inverse(r, gen):
-    """[4, r, r] blocks whose I + B_k need what Gauss-Jordan must get right: a random
-    well-conditioned one, a permutation (a zero diagonal: row swaps at every step), one whose
-    pivots come from the last rows (I + B lower anti-triangular plus noise), and one of
-    1-norm condition number in the thousands (accepted, and its error amplified)."""
-    eye = torch.eye(r)
-    random = rand((r, r), gen=gen, scale=0.3 / r ** 0.5)
-    permutation = torch.roll(eye, 1, 0) - eye
-    anti = torch.flip(torch.tril(torch.ones(r, r)), [1]) + rand((r, r), gen=gen, scale=0.01) - eye
-    u, _, v = torch.linalg.svd(eye + rand((r, r), gen=gen, scale=0.3 / r ** 0.5))
-    spread = u @ torch.diag(torch.logspace(0, -3, r)) @ v - eye
-    return torch.stack([random, permutation, anti, spread])
-
-
 @pytest.mark.parametrize("r,dtype", [(r, dtype) for r in (4, 12, 16) for dtype in (torch.float32, torch.bfloat16,
                                                                                  torch.float64)]
                          + [(32, torch.bfloat16)],  # 2 rows per thread (the emulator takes ~20 s)
@@ -365,7 +351,7 @@ def test_bat_inverse_kernel_matches_the_cpu_inverse(r, dtype):
     else the float64 GEMMs), its barriers per block are 2r + 4, and the refusals are the CPU's
     (singular; ill-conditioned, with the same condition number in the message)."""
     gen = generator(61 + r)
-    block = _blocks_for_the_inverse(r, gen).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    block = blocks_for_the_inverse(r, gen).to(torch.float64 if dtype == torch.float64 else torch.float32)
     weight = rand((4 * r, 2 * r), dtype=dtype, gen=gen)
     merged = CPU.bat_weight(weight, block)
     emulated, cpu = merged.clone(), merged.clone()
