@@ -49,11 +49,17 @@ MISS_GLOBAL void MISS_LAUNCH_BOUNDS(kBatMaxRank * kInverseMaxGroups) bat_inverse
   MISS_SHARED_ARRAY(double, a, kBatMaxRank * ld);
   MISS_SHARED_ARRAY(double, new_row, kBatMaxRank);      // row p after the swap, divided later
   MISS_SHARED_ARRAY(double, multiplier, kBatMaxRank);   // column p after the swap
-  MISS_SHARED_ARRAY(double, column_sum, kBatMaxRank);   // for the 1-norms
+  MISS_SHARED_ARRAY(double, column_sum_a, kBatMaxRank);        // of |I + B_k|, for its 1-norm
+  MISS_SHARED_ARRAY(double, column_sum_inverse, kBatMaxRank);  // of |inv(I + B_k)|
   MISS_SHARED_ARRAY(double, candidate_magnitude, kBatMaxRank);  // one per row group
   MISS_SHARED_ARRAY(int64_t, candidate_row, kBatMaxRank);
   MISS_SHARED_ARRAY(int64_t, swapped_with, kBatMaxRank);
   const int64_t groups = inverse_row_groups(r), col = threadIdx.x % r, group = threadIdx.x / r;
+  const auto column_abs_sum = [&](const auto& element) {  // sum over the rows of |element(row)|
+    double sum = 0;
+    for (int64_t i = 0; i < r; ++i) sum += std::fabs(element(i));
+    return sum;
+  };
   auto store = [&](int64_t at, double value) {
     if (device::is_null(inverse32)) {
       inverse64[at] = value;
@@ -63,27 +69,21 @@ MISS_GLOBAL void MISS_LAUNCH_BOUNDS(kBatMaxRank * kInverseMaxGroups) bat_inverse
   };
   for (int64_t m = blockIdx.x; m < matrices; m += gridDim.x) {
     const gptr<const in_t> b = block + m * r * r;
-    // A = I + B_k, the candidates for the first pivot, and the column sums of |A|.
+    // A = I + B_k, the candidates for the first pivot, and the column sums of |A| (group 0
+    // reads its whole column from global memory, so that no barrier waits for the stores).
+    const auto a_at = [&](int64_t i) { return static_cast<double>(b[i * r + col]) + (i == col ? 1.0 : 0.0); };
     Pivot best{-1.0, 0};
-    double sum = 0;
     for (int64_t i = group; i < r; i += groups) {
-      const double value = static_cast<double>(b[i * r + col]) + (i == col ? 1.0 : 0.0);
+      const double value = a_at(i);
       a[i * ld + col] = value;
       if (col == 0) best = better(best, Pivot{std::fabs(value), i});
-    }
-    if (group == 0) {
-      for (int64_t row = 0; row < r; ++row) {  // the whole column, read from global memory
-        sum += std::fabs(static_cast<double>(b[row * r + col]) + (row == col ? 1.0 : 0.0));
-      }
     }
     if (col == 0) {
       candidate_magnitude[group] = best.magnitude;
       candidate_row[group] = best.row;
     }
-    if (group == 0) column_sum[col] = sum;
+    if (group == 0) column_sum_a[col] = column_abs_sum(a_at);  // read by thread 0 at the end
     MISS_SYNC_THREADS();
-    double norm_a = 0;
-    for (int64_t c = 0; c < r; ++c) norm_a = std::fmax(norm_a, column_sum[c]);
     bool singular = false;
     for (int64_t p = 0; p < r; ++p) {
       // Phase 1: the pivot (every thread reads the same candidates), the swap, and the new row p
@@ -138,21 +138,18 @@ MISS_GLOBAL void MISS_LAUNCH_BOUNDS(kBatMaxRank * kInverseMaxGroups) bat_inverse
         }
       }
       MISS_SYNC_THREADS();
-      sum = 0;
-      for (int64_t i = group; i < r; i += groups) {
-        store(m * r * r + i * r + col, a[i * ld + col]);
-      }
-      if (group == 0) {
-        for (int64_t row = 0; row < r; ++row) sum += std::fabs(static_cast<double>(a[row * ld + col]));
-        column_sum[col] = sum;
-      }
+      for (int64_t i = group; i < r; i += groups) store(m * r * r + i * r + col, a[i * ld + col]);
+      if (group == 0) column_sum_inverse[col] = column_abs_sum([&](int64_t i) { return double{a[i * ld + col]}; });
     } else {
       for (int64_t i = group; i < r; i += groups) store(m * r * r + i * r + col, static_cast<double>(NAN));
     }
     MISS_SYNC_THREADS();
     if (threadIdx.x == 0) {
-      double norm_inverse = 0;
-      for (int64_t c = 0; c < r; ++c) norm_inverse = std::fmax(norm_inverse, column_sum[c]);
+      double norm_a = 0, norm_inverse = 0;
+      for (int64_t c = 0; c < r; ++c) {
+        norm_a = std::fmax(norm_a, column_sum_a[c]);
+        if (!singular) norm_inverse = std::fmax(norm_inverse, column_sum_inverse[c]);
+      }
       // A singular (or NaN) matrix has no finite condition number.
       condition[m] = singular ? static_cast<double>(INFINITY) : norm_a * norm_inverse;
     }
