@@ -18,6 +18,9 @@ The model (every figure is an assumption, stated here and in the results file):
   float32 multiply-adds they declare to the emulator at SIMT_KERNEL_EFFICIENCY of the float32
   peak, and their warp-wide bf16 tensor-core products (mma.sync m16n8k16, 4096 FLOPs each,
   counted by the emulator) at MMA_KERNEL_EFFICIENCY of the bf16 peak.
+- A kernel whose grid has fewer blocks than the GPU has SMs runs on that many SMs only: its
+  memory and arithmetic rates are that fraction of the GPU's (each SM's share of the
+  bandwidth is what its loads in flight can draw, assumed no more than an even share).
 - A latency-bound kernel (the inverse of unmerge: a chain of dependent steps in one block per
   matrix) takes at least its barriers per block (counted by the emulator) times
   BARRIER_PHASE_US, the time of one barrier-separated phase.
@@ -48,12 +51,13 @@ import gpu_variants  # noqa: E402
 
 # Published peak rates, dense (no sparsity). Sources: NVIDIA H100 Tensor Core GPU datasheet
 # (H100 SXM5: FP32 67 TFLOPS, TF32 494.7, BF16/FP16 989.4 dense, HBM3 3.35 TB/s) and NVIDIA
-# H200 Tensor Core GPU datasheet (H200 SXM: same compute, HBM3e 4.8 TB/s).
+# H200 Tensor Core GPU datasheet (H200 SXM: same compute, HBM3e 4.8 TB/s); 132 SMs in both
+# (NVIDIA Hopper architecture whitepaper: H100 SXM5; the H200 is the same GH100 die).
 GPUS = {
     "H100 SXM": {"bf16_tflops": 989.4, "fp16_tflops": 989.4, "tf32_tflops": 494.7, "fp32_tflops": 66.9,
-                 "fp64_tflops": 66.9, "int32_tops": 16.7, "hbm_tb_s": 3.35},
+                 "fp64_tflops": 66.9, "int32_tops": 16.7, "hbm_tb_s": 3.35, "sms": 132},
     "H200 SXM": {"bf16_tflops": 989.4, "fp16_tflops": 989.4, "tf32_tflops": 494.7, "fp32_tflops": 66.9,
-                 "fp64_tflops": 66.9, "int32_tops": 16.7, "hbm_tb_s": 4.8},
+                 "fp64_tflops": 66.9, "int32_tops": 16.7, "hbm_tb_s": 4.8, "sms": 132},
 }
 GEMM_EFFICIENCY = 0.70  # fraction of the peak a large cuBLAS GEMM sustains (assumed)
 MEMORY_EFFICIENCY = 0.85  # fraction of HBM bandwidth a streaming kernel sustains (assumed)
@@ -89,6 +93,7 @@ ASSUMPTIONS = {
     "torch_dropout": "torch's CUDA dropout draws 4 uniforms per Philox call (one call per 4 elements)",
     "peak_sources": "NVIDIA H100 and H200 Tensor Core GPU datasheets (SXM, dense)",
     "fp32_matmul": "float32 GEMMs on SIMT cores (torch.backends.cuda.matmul.allow_tf32 defaults to False)",
+    "small_grids": "a kernel of ours with fewer blocks than SMs (132) gets that fraction of the GPU's rates",
 }
 
 BYTES = {"c10::BFloat16": 2, "c10::Half": 2, "float": 4, "double": 8, "long int": 8, "int": 4, "bool": 1,
@@ -160,7 +165,9 @@ def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
             mma_us = call.mmas * MMA_FLOPS / (gpu["bf16_tflops"] * 1e12 * MMA_KERNEL_EFFICIENCY) * 1e6
             latency_us = call.barriers * BARRIER_PHASE_US
             flops = 2 * call.fmas + call.mmas * MMA_FLOPS
-            us, kind = max(bytes_ / bandwidth * 1e6, philox_us, fma_us, mma_us, latency_us), "kernel"
+            occupancy = min(1.0, call.blocks / gpu["sms"]) if call.blocks else 1.0
+            throughput_us = max(bytes_ / bandwidth * 1e6, philox_us, fma_us, mma_us) / occupancy
+            us, kind = max(throughput_us, latency_us), "kernel"
         elif call.name == "copy_to_host":
             bytes_, flops, kind, us = 0, 0, "host wait", HOST_COPY_US
         elif call.name in GEMMS:

@@ -34,6 +34,12 @@ KERNEL, STAND_IN = "miss::cuda_kernel::", "miss::cuda_stand_in::"
 # their barriers are far below their memory time anyway.
 BARRIER_GROWTH = {"bat_inverse_kernel": 1}
 
+# Kernels whose grid does not grow from the probe to the target shape: bat's are a share of a
+# fixed number of tiles (out/r x in/r), one block per row-block (out/r) or per matrix. The
+# others' grids follow the elements they cover (N x in and the like): scale^2, which at the
+# target is far above the SM count whatever the cap their launcher puts on it.
+FIXED_GRID_PREFIX = "bat_"
+
 
 @dataclasses.dataclass
 class Call:
@@ -47,6 +53,7 @@ class Call:
     fmas: int = 0  # kernels: float32 multiply-adds the kernel declared, at the target shape
     mmas: int = 0  # kernels: warp-wide m16n8k16 bf16 tensor-core products, at the target shape
     barriers: int = 0  # kernels: the most __syncthreads one block passes, at the target shape
+    blocks: int = 0  # kernels: blocks in the grid, at the target shape
 
 
 @dataclasses.dataclass
@@ -140,9 +147,10 @@ def _is_autograd_node(name: str) -> bool:
 def dimension_map(probe: Shape, scale: int, variant: str = "") -> dict:
     """Probe dimension -> its factor to the target. Dimensions that scale: N, in, out, r and the
     2r and 3r of the bf16 pieces (csrc/ops/gemm.h); for variant "mini" also mini_r (out /
-    mini_r does not); for "bat" bat's slabs (csrc/ops/bat_ops.cpp slab_lines, 1/8 of a bf16 x's
-    or dy's bytes in whole r blocks: G's N in / (16 out) columns, W''s N / 8 rows in the
-    forward and N / 8 columns for dx). Dimensions that do not: out / r, in / r, the 3 pieces.
+    mini_r does not); for "bat" bat's slabs (csrc/ops/bat_ops.cpp slab_lines, in whole r
+    blocks: the forward's W' in N rows and G in N in / (2 out) columns, x's bf16 bytes, and
+    dx's W' in N / 8 columns, 1/8 of dy's) and its partial dB sums (out / r x groups x r x r
+    floats, the groups a fixed number). Dimensions that do not: out / r, in / r, the 3 pieces.
     A probe where a dimension of one kind equals one of the other would be read wrongly:
     refused."""
     if scale == 1:
@@ -156,7 +164,7 @@ def dimension_map(probe: Shape, scale: int, variant: str = "") -> dict:
         def whole_blocks(lines):
             return max(probe.r, lines // probe.r * probe.r)
         n_in_per_out = probe.tokens * probe.in_features // probe.out_features
-        scaling |= {whole_blocks(n_in_per_out // 16), whole_blocks(probe.tokens // 8)}
+        scaling |= {whole_blocks(probe.tokens), whole_blocks(n_in_per_out // 2), whole_blocks(probe.tokens // 8)}
     clash = scaling & fixed
     if clash:
         raise ValueError(f"probe {probe} (scale {scale}) makes dimensions {sorted(clash)} ambiguous: choose another scale")
@@ -209,9 +217,13 @@ def record(step: Callable[[], None], probe: Shape, scale: int, roots: Optional[T
                     mmas = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("mma="))
                     barriers = sum(int(f.split("=")[1]) for f in line[3:] if f.startswith("barriers="))
                     barriers *= scale ** BARRIER_GROWTH.get(line[0].split("<")[0], 0)
+                    grid = [int(v) for v in line[1][len("grid=("):-1].split(",")]
+                    blocks = grid[0] * grid[1] * grid[2]
+                    if not line[0].startswith(FIXED_GRID_PREFIX):
+                        blocks *= scale * scale
                     index = len(calls)
                     calls.append(Call(name[len(KERNEL):], [], [], buffers, phase, philox * scale * scale,
-                                      fmas * scale ** 3, mmas * scale ** 3, barriers))
+                                      fmas * scale ** 3, mmas * scale ** 3, barriers, blocks))
                     skip_until = end
                 elif name not in FREE and name not in PASS_THROUGH and not _is_autograd_node(name):
                     index = len(calls)

@@ -51,8 +51,14 @@ struct PiecePattern {
   /* bf16 and G float32 [rows, cols] with unit column stride (column slabs), grad_block */    \
   /* [rows / r, r, r] float32 contiguous, added into when accumulate; ran = false (nothing */ \
   /* done) where the kernel cannot run: the caller then uses its batched GEMMs */             \
+  /* With groups > 1 (bat_block_grad_groups) grad_block is [groups, rows / r, r, r]: one */   \
+  /* partial dB per group of a row-block's tiles, written (not accumulated), which the */        \
+  /* caller sums */                                                                              \
   void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_block, bool accumulate, \
                           bool& ran);                                                                      \
+  /* how many groups bat_block_grad_mma splits each row-block's tiles into on this device, */  \
+  /* for a [rows, cols] slab of W and rank r: 1 where the row-blocks alone fill the SMs */     \
+  void bat_block_grad_groups(const Tensor& weight, int64_t r, int64_t& groups);              \
   /* W <- W M_k + M_k - I per r x r tile, M_k = inv(I + B_k) float32 [out / r, r, r] (bat unmerge: */      \
   /* (W' - B_k) M_k) on tensor cores, in place; only where bat_untransform_mma_fits(W, r) */                  \
   void bat_untransform_mma(Tensor& weight, const Tensor& inverse);                                          \

@@ -93,3 +93,11 @@ def test_gpu_cost_model_tiny(tmp_path, capsys):
     g_columns = [c["shapes"][1][1] for c in h100["miss_ext bat"]["calls"] if c["call"] == "mm.dtype"]
     assert sum(g_columns) == 768
     assert "PREDICTIONS (no GPU used)" in stem.with_suffix(".md").read_text()
+
+
+def test_weight_path_numerics_tiny(capsys):
+    """The script behind the bf16 weight path's refusal prints its table and its worst ratio."""
+    numerics = load("weight_path_numerics")
+    assert numerics.main(["--tokens", "8", "--in-features", "64", "--out-features", "128", "--r", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "| block of one sign, dy >= 0 |" in printed and "worst weight path / reference" in printed

@@ -199,13 +199,14 @@ def test_large_shapes_on_cuda_match_cpu():
 
 
 def test_bat_on_tensor_cores_matches_cpu():
-    """A bf16 W with r = 64 takes the mma.sync kernels (transform, block gradient, unmerge) and
-    builds W' and G in slabs (3 and 2 of W', 8 of G at this size): against the CPU path, by the
-    suite's 2x rule of the float64 oracle. The emulator checks the same kernels in CI; this is
-    the check on the hardware's tensor cores."""
+    """A bf16 W with r = 64 takes the mma.sync kernels (transform, block gradient, unmerge): at
+    this size the forward's W' and G whole, dB from 12 row-blocks x 4 groups of 8 tiles (the
+    SMs of any GPU with mma.sync outnumber the 12 row-blocks), dx's W' in 8 slabs. Against the
+    CPU path, by the suite's 2x rule of the float64 oracle. The emulator checks the same
+    kernels in CI; this is the check on the hardware's tensor cores."""
     gen = generator(12)
-    x = rand((2048, 512), dtype=torch.bfloat16, gen=gen)
-    weight = rand((768, 512), dtype=torch.bfloat16, gen=gen, scale=0.05)
+    x = rand((2048, 2048), dtype=torch.bfloat16, gen=gen)
+    weight = rand((768, 2048), dtype=torch.bfloat16, gen=gen, scale=0.05)
     block, dy = bat_block(768, 64, gen=gen), rand((2048, 768), dtype=torch.bfloat16, gen=gen)
     mask = [True, True, True]
     oracle_y = torch.ops.miss.bat_linear(x.double(), weight.double(), None, block.double())

@@ -316,6 +316,44 @@ def test_bat_block_grad_on_tensor_cores_sums_every_slab(r):
     check(emulated, cpu, oracle, "grad_block")
 
 
+def test_bat_block_grad_splits_row_blocks_into_groups_of_tiles():
+    """Where out / r row-blocks would leave SMs idle, each row-block's tiles are split into
+    groups (a block per row-block and group) whose partial dB are summed after: at 132 SMs
+    (an H100's) 32 row-blocks x 8 groups of 8 tiles. Within the float64 oracle's 2x rule of
+    the one-group result, and the same bits every run."""
+    gen = generator(53)
+    r, out_features, in_features = 16, 512, 1024
+    weight = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen)
+    grad_weight = rand((out_features, in_features), gen=gen)
+    oracle = reference.bat_block_grad(grad_weight.double(), weight.double(), r)
+    EMU.launch_log(clear=True)
+    one_group = EMU.bat_block_grad(grad_weight, weight, r)  # 2 SMs: the row-blocks suffice
+    assert [line.split()[1] for line in EMU.launch_log(clear=True)] == ["grid=(32,1,1)"]
+    EMU.configure(seed=0, detect_races=True, sm_count=132, preempt=0.125)
+    grouped = EMU.bat_block_grad(grad_weight, weight, r)
+    assert [line.split()[1] for line in EMU.launch_log(clear=True)] == ["grid=(32,8,1)"]
+    check(grouped, one_group, oracle, "grad_block in groups")
+    assert torch.equal(EMU.bat_block_grad(grad_weight, weight, r), grouped)
+
+
+def test_bat_block_grad_groups_add_into_every_slab():
+    """G in 4 column slabs of x's bytes (20, 20, 20 and 4 tiles): the first three in 2 groups
+    each, whose sums the later slabs add into dB, the last in one group that accumulates."""
+    gen = generator(59)
+    r, out_features, in_features = 16, 32, 1024
+    x = make_x((20,), in_features, dtype=torch.bfloat16, gen=gen)
+    weight = rand((out_features, in_features), dtype=torch.bfloat16, gen=gen)
+    block, grad_out = bat_block(out_features, r, gen=gen), rand((20, out_features), dtype=torch.bfloat16, gen=gen)
+    EMU.launch_log(clear=True)
+    emulated = EMU.bat_linear_backward(grad_out, x, weight, block, [False, False, True])[2]
+    grids = [line.split()[1] for line in EMU.launch_log(clear=True) if line.startswith("bat_block_grad")]
+    assert grids == ["grid=(2,2,1)"] * 3 + ["grid=(2,1,1)"]
+    cpu = CPU.bat_linear_backward(grad_out, x, weight, block, [False, False, True])[2]
+    oracle = CPU.bat_linear_backward(grad_out.double(), x.double(), weight.double(), block.double(),
+                                     [False, False, True])[2]
+    check(emulated, cpu, oracle, "grad_block")
+
+
 @pytest.mark.parametrize("r", [16, 64])
 def test_bat_unmerge_on_tensor_cores_restores_the_weight(r):
     """Unmerge of a bf16 W in place (at r 16, runs of tiles per block across row-blocks, as in

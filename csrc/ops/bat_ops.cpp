@@ -42,18 +42,25 @@ Tensor weight_grad_of(const Tensor& grad_weight, const Tensor& block) {
   return result;
 }
 
+// Bytes of t's elements.
+int64_t bytes_of(const Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+
 // How many rows (or columns) of a weight-sized temporary a slab takes on CUDA: whole r-row (or
-// r-column) blocks of at most 1/8 of the bytes of `x` (the activation the slab's GEMM reads
-// whole: x, or dy for dx), `line_bytes` per row (column). On the CPU all of
-// them (the measured path). Two temporaries are built a slab at a time on CUDA: W' (bf16,
-// as large as the weight) and G = dy^T x (float32, twice that), which whole would put bat's
-// peak memory tens of MiB over standard's (the target is 5%). Each slab is still one large
-// GEMM (at the benchmark shape, W' in 4 slabs of 1024 rows or columns, G in 8 of 512
-// columns). The rule scales with the shape, so the number of slabs does not depend on the
-// size (benchmarks/gpu_cost_model.py relies on it).
-int64_t slab_lines(const Tensor& x, int64_t lines, int64_t line_bytes, int64_t r) {
+// r-column) blocks of at most budget_bytes, line_bytes per row (column). On the CPU all of
+// them (the measured path). Two temporaries are built a slab at a time on CUDA, W' (as large
+// as the weight) and G = dy^T x (float32, twice that), with budgets that keep bat's peak
+// memory at that of standard plus one slab (the target is within 5%):
+// - the forward's W': x's bytes. The forward holds y and W'; the backward holds y and dx
+//   (x's size) and more, so a W' no larger than x never sets the step's peak.
+// - G: x's bytes too, because the backward builds G (and dB from it) before it allocates dx:
+//   G and its partial sums then take no more than dx and a W' slab will.
+// - dx's W', built while dx is alive: 1/8 of dy's bytes.
+// At the benchmark shape (N = 2 in = 2 out) the forward's W' and G are whole, and dx's W' is
+// in 4 slabs of 1024 columns; each slab's GEMM is still large. The rules scale with the shape,
+// so the number of slabs does not depend on the size (benchmarks/gpu_cost_model.py relies on
+// it).
+int64_t slab_lines(const Tensor& x, int64_t lines, int64_t line_bytes, int64_t r, int64_t budget_bytes) {
   if (!on_cuda_path(x)) return std::max<int64_t>(lines, 1);
-  const int64_t budget_bytes = x.numel() * static_cast<int64_t>(x.element_size()) / 8;
   return std::max<int64_t>(r, budget_bytes / std::max<int64_t>(1, line_bytes) / r * r);
 }
 
@@ -66,7 +73,7 @@ void for_each_slab(int64_t lines, int64_t step, const F& f) {
 // y = x W'^T (+ bias), W' built a slab of rows at a time: y's columns of that slab from one GEMM.
 Tensor linear_by_weight_slabs(const Tensor& x2d, const Tensor& w, const OptTensor& bias, const Tensor& block_acc) {
   const int64_t out = w.size(0), in = w.size(1), r = block_acc.size(-1);
-  const int64_t step = slab_lines(x2d, out, in * static_cast<int64_t>(w.element_size()), r);
+  const int64_t step = slab_lines(x2d, out, in * static_cast<int64_t>(w.element_size()), r, bytes_of(x2d));
   Tensor y = aten::empty({x2d.size(0), out}, x2d.scalar_type(), x2d.device());
   for_each_slab(out, step, [&](int64_t first, int64_t count) {
     const Tensor w_slab = transformed_weight(aten::narrow(w, 0, first, count),
@@ -84,7 +91,7 @@ Tensor linear_by_weight_slabs(const Tensor& x2d, const Tensor& w, const OptTenso
 // dx = dy W', W' built a slab of columns at a time: dx's columns of that slab from one GEMM.
 Tensor grad_x_by_weight_slabs(const Tensor& dy, const Tensor& w, const Tensor& block_acc) {
   const int64_t out = w.size(0), in = w.size(1), r = block_acc.size(-1);
-  const int64_t step = slab_lines(dy, in, out * static_cast<int64_t>(w.element_size()), r);
+  const int64_t step = slab_lines(dy, in, out * static_cast<int64_t>(w.element_size()), r, bytes_of(dy) / 8);
   Tensor dx = aten::empty({dy.size(0), in}, dy.scalar_type(), dy.device());
   for_each_slab(in, step, [&](int64_t first, int64_t count) {
     Tensor dx_slab = aten::narrow(dx, 1, first, count);
@@ -178,13 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
   const Tensor w = aten::contiguous(weight);
   const Tensor block_acc = need_x || need_weight ? as_accumulate(block, w) : Tensor();
 
-  Tensor grad_x = aten::empty({0}, x.scalar_type(), x.device());
-  if (need_x) {
-    const Tensor dx = on_cuda_path(x) ? grad_x_by_weight_slabs(dy, w, block_acc)
-                                      : aten::mm(dy, transformed_weight(w, block_acc));
-    grad_x = aten::view(dx, x.sizes());
-  }
-
+  // G and dB first: dx does not exist yet, so G's slabs may be as large as dx (slab_lines).
   Tensor grad_weight = aten::empty({0}, weight.scalar_type(), weight.device());
   Tensor grad_block = aten::empty({0}, block.scalar_type(), block.device());
   if (need_weight || need_block) {
@@ -194,7 +195,8 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
     const ScalarType acc = accumulate_dtype(x.scalar_type());
     const Tensor x2d = aten::reshape(x, {rows, in});
     const Tensor dy_t = aten::t(dy);
-    const int64_t r = block.size(-1), step = slab_lines(x, in, out * static_cast<int64_t>(sizeof(float)), r);
+    const int64_t r = block.size(-1);
+    const int64_t step = slab_lines(x, in, out * static_cast<int64_t>(sizeof(float)), r, bytes_of(x));
     if (need_block) grad_block = aten::empty({out / r, r, r}, acc, block.device());
     if (need_weight) grad_weight = aten::empty_contiguous_like(w);
     // G a slab of whole r-column blocks at a time: dB_k sums over the tiles of every slab.
@@ -207,6 +209,13 @@ std::tuple<Tensor, Tensor, Tensor> bat_linear_backward(
       }
     });
     if (need_block) grad_block = aten::to(grad_block, block.scalar_type());
+  }
+
+  Tensor grad_x = aten::empty({0}, x.scalar_type(), x.device());
+  if (need_x) {
+    const Tensor dx = on_cuda_path(x) ? grad_x_by_weight_slabs(dy, w, block_acc)
+                                      : aten::mm(dy, transformed_weight(w, block_acc));
+    grad_x = aten::view(dx, x.sizes());
   }
   return {grad_x, grad_weight, grad_block};
 }
