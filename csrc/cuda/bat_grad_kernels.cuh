@@ -86,6 +86,11 @@ MISS_GLOBAL void bat_block_grad_mma_kernel(gptr<const float> grad_weight, int64_
   }
 }
 
+// Whether the kernel takes this W (a column slab of it will do) at rank r, on this device.
+bool block_grad_mma_takes(const Tensor& weight, int64_t r) {
+  return weight.scalar_type() == kBFloat16 && mma_rank_fits(r) && weight.stride(1) == 1 && device::has_mma();
+}
+
 }  // namespace
 
 // Groups of at least kMinTilesPerGroup tiles (each group's partial, r * r floats, is small
@@ -99,9 +104,8 @@ constexpr int64_t kBlocksPerSmTarget = 4;
 void bat_block_grad_groups(const Tensor& weight, int64_t r, int64_t& groups) {
   const int64_t row_blocks = weight.size(0) / r, tiles = weight.size(1) / r;
   groups = 1;
-  if (row_blocks == 0 || tiles < 2 * kMinTilesPerGroup) return;
   MISS_DEVICE_GUARD(weight);
-  if (weight.scalar_type() != kBFloat16 || !mma_rank_fits(r) || !device::has_mma()) return;  // not this kernel's
+  if (row_blocks == 0 || !block_grad_mma_takes(weight, r)) return;
   const int64_t wanted = (kBlocksPerSmTarget * device::sm_count() + row_blocks - 1) / row_blocks;
   const int64_t most = tiles / kMinTilesPerGroup;
   const int64_t count = wanted < most ? wanted : most;
@@ -115,9 +119,9 @@ void bat_block_grad_mma(const Tensor& grad_weight, const Tensor& weight, Tensor&
   const int64_t rows = weight.size(0), cols = weight.size(1), r = grad_block.size(-1);
   ran = false;
   MISS_DEVICE_GUARD(weight);
-  const bool fits = weight.scalar_type() == kBFloat16 && grad_weight.scalar_type() == kFloat &&
-                    grad_block.scalar_type() == kFloat && mma_rank_fits(r) && weight.stride(1) == 1 && grad_weight.stride(1) == 1 && grad_block.is_contiguous();
-  if (!fits || !device::has_mma()) return;
+  const bool fits = grad_weight.scalar_type() == kFloat && grad_weight.stride(1) == 1 &&
+                    grad_block.scalar_type() == kFloat && grad_block.is_contiguous();
+  if (!fits || !block_grad_mma_takes(weight, r)) return;
   ran = true;
   if (grad_block.numel() == 0) return;
   if (cols == 0) {  // no tiles: dB_k = 0, or unchanged when accumulating

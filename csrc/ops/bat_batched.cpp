@@ -59,23 +59,19 @@ void block_grad(const Tensor& grad_weight, const Tensor& weight, Tensor& grad_bl
   if (on_cuda_path(weight)) {  // a bf16 W on tensor cores, without a float32 copy of it
     int64_t groups = 1;
     MISS_CALL_CUDA_ONLY(bat_block_grad_groups, weight, r, groups);
+    // Several groups: one partial dB per group of each row-block's tiles, then their sum (more
+    // blocks than out / r row-blocks, with no atomics: the same sums in the same order every run).
+    const bool partial = groups > 1;
+    Tensor sums = partial ? aten::empty({groups, k, r, r}, grad_block.scalar_type(), grad_block.device()) : grad_block;
     bool ran = false;
-    if (groups == 1) {
-      MISS_CALL_CUDA_ONLY(bat_block_grad_mma, grad_weight, weight, grad_block, accumulate, ran);
-      if (ran) return;
-    } else {
-      // One partial dB per group of each row-block's tiles, then their sum: more blocks than
-      // out / r row-blocks, with no atomics (the same sums in the same order every run).
-      Tensor partials = aten::empty({groups, k, r, r}, grad_block.scalar_type(), grad_block.device());
-      MISS_CALL_CUDA_ONLY(bat_block_grad_mma, grad_weight, weight, partials, false, ran);
-      if (ran) {
-        if (accumulate) {
-          aten::add_(grad_block, aten::sum(partials, std::vector<int64_t>{0}));
-        } else {
-          aten::sum_out(grad_block, partials, std::vector<int64_t>{0});
-        }
-        return;
+    MISS_CALL_CUDA_ONLY(bat_block_grad_mma, grad_weight, weight, sums, accumulate && !partial, ran);
+    if (ran) {
+      if (partial && accumulate) {
+        aten::add_(grad_block, aten::sum(sums, std::vector<int64_t>{0}));
+      } else if (partial) {
+        aten::sum_out(grad_block, sums, std::vector<int64_t>{0});
       }
+      return;
     }
   }
   const Tensor w3 = row_blocks(weight, r, grad_block.scalar_type());
