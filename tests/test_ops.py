@@ -1,8 +1,10 @@
-"""Every op of torch.ops.miss against the float64 oracle (miss_ext.reference), in every dtype.
+"""The shard ops of torch.ops.miss (standard and mini) against the float64 oracle
+(miss_ext.reference), in every dtype, and autograd through the Python entry points of both
+variants.
 
-Forward ops are compared value by value; the backward ops (shard_linear_backward,
-bat_linear_backward) against torch.autograd.grad of the float64 reference. The accuracy rule
-is conftest.assert_close_to_oracle.
+Forward ops are compared value by value; shard_linear_backward against torch.autograd.grad of
+the float64 reference. The accuracy rule is conftest.assert_close_to_oracle. The bat ops and
+the many-row paths have their own files: tests/test_ops_bat.py, test_ops_many_rows.py.
 """
 
 import itertools
@@ -20,7 +22,6 @@ from conftest import (
     SHARD_CASES_CORE,
     assert_close_to_oracle,
     assert_empty_output,
-    bat_block,
     dtype_id,
     generator,
     grads_oracle_and_same,
@@ -35,7 +36,6 @@ from conftest import (
     ref_shard_linear_outputs,
     ref_shard_tile_add,
     seed_tensor,
-    to64,
 )
 
 DEVICE = "cpu"
@@ -323,244 +323,7 @@ def test_bat_linear_autograd(case, dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# BAT
-
-
-@pytest.mark.parametrize("case", BAT_CASES, ids=ids(BAT_CASES))
-def test_bat_weight(case, dtype):
-    layer = make_bat_layer(case, dtype=dtype, device=DEVICE)
-    ours = miss_ext.bat_weight(layer.weight, layer.block)
-    oracle, same = oracle_and_same(reference.bat_weight, layer.weight, layer.block)
-    assert_close_to_oracle(ours, oracle, same, dtype=dtype, what="W'")
-
-
-@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=MIXED_IDS)
-def test_bat_weight_mixed_block_dtype(dtypes):
-    w_dtype, block_dtype = dtypes
-    layer = make_bat_layer(BAT_CASES[0], dtype=w_dtype, block_dtype=block_dtype, device=DEVICE)
-    ours = miss_ext.bat_weight(layer.weight, layer.block)
-    oracle, same = oracle_and_same(reference.bat_weight, layer.weight, layer.block)
-    assert_close_to_oracle(ours, oracle, same, dtype=w_dtype, what="W'")
-
-
-def test_bat_weight_non_contiguous_weight():
-    layer = make_bat_layer(BAT_CASES[0], device=DEVICE)
-    weight = layer.weight.t().contiguous().t()
-    assert not weight.is_contiguous()
-    ours = miss_ext.bat_weight(weight, layer.block)
-    oracle, same = oracle_and_same(reference.bat_weight, weight, layer.block)
-    assert_close_to_oracle(ours, oracle, same, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("case", BAT_CASES, ids=ids(BAT_CASES))
-def test_bat_linear(case, bias, dtype):
-    layer = make_bat_layer(case, dtype=dtype, bias=bias, device=DEVICE)
-    ours = miss_ext.bat_linear(layer.x, layer.weight, layer.bias, layer.block)
-    oracle, same = oracle_and_same(reference.bat_linear, layer.x, layer.weight, layer.bias, layer.block)
-    assert_close_to_oracle(ours, oracle, same, dtype=dtype, what="y")
-
-
-@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=MIXED_IDS)
-@pytest.mark.parametrize("case", BAT_CASES[:2], ids=ids(BAT_CASES[:2]))
-def test_bat_linear_mixed_block_dtype(case, dtypes):
-    x_dtype, block_dtype = dtypes
-    layer = make_bat_layer(case, dtype=x_dtype, block_dtype=block_dtype, device=DEVICE)
-    ours = miss_ext.bat_linear(layer.x, layer.weight, layer.bias, layer.block)
-    oracle, same = oracle_and_same(reference.bat_linear, layer.x, layer.weight, layer.bias, layer.block)
-    assert_close_to_oracle(ours, oracle, same, dtype=x_dtype, what="y")
-
-
-@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("case", BAT_CASES[:5], ids=ids(BAT_CASES[:5]))
-def test_bat_block_grad(case, g_dtype, dtype):
-    gen = generator(41)
-    weight = rand((case.out_features, case.in_features), dtype=dtype, gen=gen, device=DEVICE)
-    grad_weight = rand((case.out_features, case.in_features), dtype=g_dtype, gen=gen, device=DEVICE)
-    ours = miss_ext.bat_block_grad(grad_weight, weight, case.r)
-    oracle, same = oracle_and_same(lambda g, w: reference.bat_block_grad(g, w, case.r), grad_weight, weight)
-    assert_close_to_oracle(ours, oracle, same, dtype=torch.float32, what="dB")
-
-
-@pytest.mark.parametrize("case", BAT_CASES[:5], ids=ids(BAT_CASES[:5]))
-def test_bat_weight_grad(case, dtype):
-    gen = generator(42)
-    grad_weight = rand((case.out_features, case.in_features), dtype=dtype, gen=gen, device=DEVICE)
-    block = rand((case.out_features // case.r, case.r, case.r), gen=gen, scale=0.3, device=DEVICE)
-    ours = miss_ext.bat_weight_grad(grad_weight, block)
-    oracle, same = oracle_and_same(reference.bat_weight_grad, grad_weight, block)
-    assert_close_to_oracle(ours, oracle, same, dtype=dtype, what="dW")
-
-
-def test_bat_weight_grad_low_precision_block():
-    gen = generator(43)
-    grad_weight = rand((12, 8), gen=gen, device=DEVICE)
-    block = rand((3, 4, 4), dtype=torch.bfloat16, gen=gen, scale=0.3, device=DEVICE)
-    ours = miss_ext.bat_weight_grad(grad_weight, block)
-    oracle, same = oracle_and_same(reference.bat_weight_grad, grad_weight, block)
-    assert_close_to_oracle(ours, oracle, same, dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------
-# bat_linear_backward
-
-
-def _bat_backward(case, dtype, block_dtype, output_mask):
-    layer = make_bat_layer(case, dtype=dtype, block_dtype=block_dtype, device=DEVICE)
-    grad_out = rand((*case.lead, case.out_features), dtype=dtype, gen=generator(51), device=DEVICE)
-    ours = torch.ops.miss.bat_linear_backward(grad_out, layer.x, layer.weight, layer.block, list(output_mask))
-    oracle, same = grads_oracle_and_same(
-        reference.bat_linear, [layer.x, layer.weight, layer.bias, layer.block], [grad_out], [0, 1, 3]
-    )
-    expected_dtypes = (layer.x.dtype, layer.weight.dtype, layer.block.dtype)
-    for name, asked, g, o, s, dt in zip(("x", "weight", "block"), output_mask, ours, oracle, same, expected_dtypes):
-        if asked:
-            assert_close_to_oracle(g, o, s, dtype=dt, what=f"grad_{name}")
-        else:
-            assert_empty_output(g, f"grad_{name}")
-
-
-@pytest.mark.parametrize("case", BAT_CASES, ids=ids(BAT_CASES))
-def test_bat_linear_backward(case, dtype):
-    _bat_backward(case, dtype, None, (True, True, True))
-
-
-@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=MIXED_IDS)
-def test_bat_linear_backward_mixed_block_dtype(dtypes):
-    _bat_backward(BAT_CASES[0], dtypes[0], dtypes[1], (True, True, True))
-
-
-@pytest.mark.parametrize("output_mask", list(itertools.product([True, False], repeat=3)),
-                         ids=lambda m: "mask_" + "".join("1" if b else "0" for b in m))
-@pytest.mark.parametrize("dtype_", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_bat_linear_backward_output_mask(output_mask, dtype_):
-    _bat_backward(BAT_CASES[0], dtype_, None, output_mask)
-
-
-def test_bat_linear_saves_no_adapted_weight():
-    """BAT keeps x, W and B for backward (referenced), never a copy the size of W'."""
-    layer = make_bat_layer(BAT_CASES[0], device=DEVICE)
-    x, weight, block = layer.x.requires_grad_(), layer.weight, layer.block.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        miss_ext.bat_linear(x, weight, layer.bias, block)
-    referenced = {t.untyped_storage().data_ptr() for t in (x, weight, block)}
-    copies = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
-    extra = sum(n for ptr, n in copies.items() if ptr not in referenced)
-    assert extra <= 64, f"bat_linear saved {extra} bytes besides x, weight and block"
-
-
-def test_fake_kernels_match_real_shapes():
-    """Meta-device runs (fake kernels) give the shapes and dtypes of the real outputs."""
-    case = SHARD_CASES[7]
-    layer = make_shard_layer(case, dtype=torch.bfloat16, block_dtype=torch.float32)
-    seed = seed_tensor(3)
-    real = torch.ops.miss.shard_linear(layer.x, layer.weight, layer.bias, layer.block, 0.3, seed)
-    meta = torch.ops.miss.shard_linear(*[t.to("meta") for t in (layer.x, layer.weight, layer.bias, layer.block)],
-                                       0.3, seed.to("meta"))
-    for r, m in zip(real, meta):
-        assert m.device.type == "meta"
-        assert (r.shape, r.dtype) == (m.shape, m.dtype)
-
-
-def test_to64_keeps_seed():
-    # The oracle helpers convert floating tensors only: the int64 seed must pass unchanged.
-    s = seed_tensor(3)
-    assert to64(s) is s
-
-
-# ---------------------------------------------------------------------------------------
-# Many rows: the float32 temporaries are built in chunks of 2^20 / width rows and rows are
-# split across threads; results must not depend on where the cuts fall.
-
-
-@pytest.mark.parametrize("dtype_", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("m", [16, 8], ids=["standard", "mini"])
-def test_many_rows_cross_chunk_and_thread_boundaries(m, dtype_):
-    out, in_features, r = 16, 8, 3
-    rows = (1 << 20) // m + 5  # two chunks of the out-tiled add (and of the bf16 backward)
-    gen = generator(61)
-    x = rand((rows, in_features), dtype=dtype_, gen=gen)
-    weight = rand((out, in_features), dtype=dtype_, gen=gen, scale=0.35)
-    bias = rand((out,), dtype=dtype_, gen=gen)
-    block = rand((r, m), gen=gen, scale=0.5)
-    seed = seed_tensor(62)
-    y, fold = torch.ops.miss.shard_linear(x, weight, bias, block, 0.3, seed)
-    (oy, ofold), (sy, sfold) = oracle_and_same(
-        lambda *a: ref_shard_linear_outputs(*a, 0.3, seed), x, weight, bias, block)
-    assert_close_to_oracle(y, oy, sy, dtype=dtype_, what="y")
-    assert_close_to_oracle(fold, ofold, sfold, what="fold")
-    grad_out = rand((rows, out), dtype=dtype_, gen=gen)
-    grad_x, grad_block = torch.ops.miss.shard_linear_backward(
-        grad_out, fold, weight, block, in_features, 0.3, seed, None, [True, True])
-    (ox, oblock), (sx, sblock) = grads_oracle_and_same(
-        lambda *a: reference.shard_linear(*a, 0.3, seed), [x, weight, bias, block], [grad_out], [0, 3])
-    assert_close_to_oracle(grad_x, ox, sx, dtype=dtype_, what="grad_x")
-    assert_close_to_oracle(grad_block, oblock, sblock, what="grad_block")
-
-
-# float32/float64 layers without dropout take the weight path from rows * r >= 19 * in on
-# (csrc/ops/shard_ops.cpp: y = x (W + dW)^T, dx = dy (W + dW)): same rule, same oracle.
-WEIGHT_PATH_ROWS = 300
-
-
-@pytest.mark.parametrize("dtype_", [torch.float32, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("m", [40, 8], ids=["standard", "mini"])
-def test_weight_path_matches_oracle(m, dtype_):
-    out, in_features, r = 40, 37, 6
-    gen = generator(71)
-    x = rand((3, WEIGHT_PATH_ROWS // 3, in_features), dtype=dtype_, gen=gen)
-    weight = rand((out, in_features), dtype=dtype_, gen=gen, scale=0.3)
-    bias = rand((out,), dtype=dtype_, gen=gen)
-    block = rand((r, m), dtype=torch.float32, gen=gen, scale=0.5)
-    y, fold = torch.ops.miss.shard_linear(x, weight, bias, block, 0.0, None)
-    (oy, ofold), (sy, sfold) = oracle_and_same(lambda *a: ref_shard_linear_outputs(*a), x, weight, bias, block)
-    assert_close_to_oracle(y, oy, sy, dtype=dtype_, what="y")
-    grad_out = rand(y.shape, dtype=dtype_, gen=gen)
-    grad_fold = rand(fold.shape, dtype=fold.dtype, gen=gen)
-    for gf in (None, grad_fold):
-        grad_x, grad_block = torch.ops.miss.shard_linear_backward(
-            grad_out, fold, weight, block, in_features, 0.0, None, gf, [True, True])
-        grads = [grad_out] if gf is None else [grad_out, gf]
-        (ox, oblock), (sx, sblock) = grads_oracle_and_same(
-            lambda *a: ref_shard_linear_outputs(*a), [x, weight, bias, block], grads, [0, 3])
-        assert_close_to_oracle(grad_x, ox, sx, dtype=dtype_, what=f"grad_x (grad_fold {gf is not None})")
-        assert_close_to_oracle(grad_block, oblock, sblock, what="grad_block")
-
-
-def test_weight_path_gradcheck():
-    gen = generator(72)
-    x = rand((WEIGHT_PATH_ROWS, 5), dtype=torch.float64, gen=gen).requires_grad_()
-    weight = rand((6, 5), dtype=torch.float64, gen=gen)
-    block = rand((2, 3), dtype=torch.float64, gen=gen).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, b: torch.ops.miss.shard_linear(x, weight, None, b, 0.0, None),
-                                    (x, block))
-
-
-def test_kernels_do_not_depend_on_the_number_of_threads():
-    gen = generator(63)
-    x = rand((4099, 40), gen=gen)
-    g = rand((4099, 7), gen=gen)
-    w = rand((48, 40), gen=gen)
-    grad_w = rand((48, 40), gen=gen)
-    block = bat_block(48, 4, gen=gen)
-    seed = seed_tensor(64)
-
-    def run():
-        merged = w.clone()
-        miss_ext.merge_(merged, block)
-        return (miss_ext.shard_fold(x, 7, 0.3, seed), miss_ext.shard_tile_add(x, g, 0.3, seed),
-                miss_ext.bat_weight(w, block), miss_ext.bat_block_grad(grad_w, w, 4),
-                miss_ext.bat_weight_grad(grad_w, block), merged)
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(single, run()):
-        assert torch.equal(a, b)
+# x in odd layouts (strided, expanded) and y in another dtype: read in place, as the oracle says
 
 
 def test_x_with_many_unmergeable_leading_dims():
