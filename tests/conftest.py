@@ -1,6 +1,6 @@
 """Shared helpers of the miss_ext test suite: deterministic non-zero inputs, layouts of x,
-the float64 oracle, the one accuracy rule every comparison goes through, and the sample
-inputs of every op.
+the float64 oracle, the one accuracy rule every comparison goes through, and the layer
+configurations of the op tests.
 
 Every helper takes a ``device`` argument so that tests/test_cuda.py can reuse them. Random
 values are always drawn on the CPU (then moved), so a CPU and a CUDA run see the same inputs.
@@ -8,8 +8,9 @@ Entry points for another device:
 
 - ``assert_close_to_oracle(ours, oracle, same_precision)``: the accuracy rule;
 - ``make_shard_layer`` / ``make_bat_layer`` (+ ``SHARD_CASES``, ``BAT_CASES``): inputs;
-- ``check_shard_layer`` / ``check_bat_layer``: forward and autograd of a layer vs the oracle;
-- ``sample_inputs(device, requires_grad)``: samples of every op (opcheck);
+- ``check_shard_layer`` / ``check_bat_layer`` (tests/layer_checks.py): forward and autograd of
+  a layer vs the oracle;
+- ``sample_inputs(device, requires_grad)`` (tests/op_samples.py): samples of every op (opcheck);
 - ``oracle_and_same`` / ``grads_oracle_and_same``: the two sides of the rule for any reference.
 """
 
@@ -22,7 +23,6 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-import miss_ext
 from miss_ext import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -346,162 +346,9 @@ def make_bat_layer(case: BatCase, *, dtype=torch.float32, block_dtype=None, devi
 MIXED_DTYPES = ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16))
 
 
-# ---------------------------------------------------------------------------------------
-# Sample inputs of every op (opcheck; reusable by tests/test_cuda.py)
-
-
-def sample_inputs(device="cpu", requires_grad: bool = False):
-    """``[(op_name, args, id)]``: several samples of every op of miss_ext.ops.op_names().
-
-    Forward ops get inputs with ``requires_grad``; backward ops and merge_/unmerge_ never
-    (they have no autograd). merge_/unmerge_ samples hold fresh weights: pass a clone anyway.
-    """
-    gen = generator(1234)
-    rg = requires_grad
-
-    def t(shape, dtype=torch.float32, scale=1.0, grad=False):
-        return rand(shape, dtype=dtype, device=device, gen=gen, scale=scale).requires_grad_(grad)
-
-    seed = seed_tensor(20240917, device)
-    samples = []
-    # shard_fold(x, r, p, seed)
-    samples += [
-        ("shard_fold", (t((5, 10), grad=rg), 4, 0.0, None), "std"),
-        ("shard_fold", (t((2, 3, 10), grad=rg), 3, 0.3, seed), "dropout-3d"),
-        ("shard_fold", (t((4, 9), torch.bfloat16, grad=rg), 9, 0.0, None), "bf16-r=in"),
-    ]
-    # shard_tile_add(grad_x, g, p, seed)
-    samples += [
-        ("shard_tile_add", (t((5, 10), grad=rg), t((5, 4), grad=rg), 0.0, None), "std"),
-        ("shard_tile_add", (t((2, 3, 10), grad=rg), t((6, 3), grad=rg), 0.3, seed), "dropout-3d"),
-    ]
-    # shard_linear(x, weight, bias, block, p, seed)
-    samples += [
-        ("shard_linear", (t((5, 10), grad=rg), t((12, 10)), t((12,)), t((4, 12), grad=rg), 0.0, None), "std"),
-        ("shard_linear", (t((5, 10), grad=rg), t((12, 10)), None, t((4, 3), grad=rg), 0.3, seed), "mini-dropout"),
-        ("shard_linear", (t((2, 3, 10), grad=rg), t((12, 10), grad=rg), t((12,), grad=rg), t((4, 12), grad=rg),
-                          0.3, seed), "std-dropout-trainable-base"),
-        ("shard_linear", (t((5, 10), torch.bfloat16, grad=rg), t((12, 10), torch.bfloat16), None,
-                          t((4, 12), grad=rg), 0.0, None), "bf16-x-fp32-block"),
-    ]
-    # shard_delta_add(y, x, block, p, seed)
-    samples += [
-        ("shard_delta_add", (t((5, 12), grad=rg), t((5, 10), grad=rg), t((4, 12), grad=rg), 0.0, None), "std"),
-        ("shard_delta_add", (t((2, 3, 12), grad=rg), t((2, 3, 10), grad=rg), t((4, 6), grad=rg), 0.3, seed),
-         "mini-dropout"),
-    ]
-    # shard_linear_backward(grad_out, fold, weight, block, in, p, seed, grad_fold, mask)
-    samples += [
-        ("shard_linear_backward", (t((5, 12)), t((5, 4)), t((12, 10)), t((4, 12)), 10, 0.0, None, None,
-                                   [True, True]), "std"),
-        ("shard_linear_backward", (t((5, 12)), t((5, 4)), None, t((4, 3)), 10, 0.3, seed, t((5, 4)),
-                                   [True, True]), "mini-delta-dropout-grad_fold"),
-        ("shard_linear_backward", (t((2, 3, 12)), t((6, 4)), t((12, 10)), t((4, 12)), 10, 0.3, seed, None,
-                                   [True, False]), "dropout-only-x"),
-        ("shard_linear_backward", (t((5, 12)), t((5, 4)), t((12, 10)), t((4, 12)), 10, 0.0, None, None,
-                                   [False, True]), "only-block"),
-    ]
-    # bat ops
-    samples += [
-        ("bat_weight", (t((12, 8), grad=rg), t((3, 4, 4), scale=0.1, grad=rg)), "r4"),
-        ("bat_weight", (t((8, 8), grad=rg), t((4, 2, 2), scale=0.1, grad=rg)), "r2"),
-        ("bat_block_grad", (t((12, 8)), t((12, 8)), 4), "r4"),
-        ("bat_block_grad", (t((8, 6)), t((8, 6)), 2), "r2"),
-        ("bat_weight_grad", (t((12, 8)), t((3, 4, 4), scale=0.1)), "r4"),
-        ("bat_linear", (t((5, 8), grad=rg), t((12, 8), grad=rg), t((12,), grad=rg), t((3, 4, 4), scale=0.1, grad=rg)),
-         "r4"),
-        ("bat_linear", (t((2, 3, 8), grad=rg), t((8, 8)), None, t((4, 2, 2), scale=0.1, grad=rg)), "r2-3d-frozen-base"),
-        ("bat_linear_backward", (t((5, 12)), t((5, 8)), t((12, 8)), t((3, 4, 4), scale=0.1), [True, True, True]), "all"),
-        ("bat_linear_backward", (t((2, 3, 12)), t((2, 3, 8)), t((12, 8)), t((3, 4, 4), scale=0.1), [True, False, True]),
-         "x-block"),
-        ("bat_linear_backward", (t((5, 12)), t((5, 8)), t((12, 8)), t((3, 4, 4), scale=0.1), [False, True, False]),
-         "weight"),
-    ]
-    # low precision, mixed block dtype, 1-D x and N = 0
-    bf16 = torch.bfloat16
-    samples += [
-        ("shard_fold", (t((0, 10), grad=rg), 4, 0.3, seed), "N=0"),
-        ("shard_linear", (t((10,), grad=rg), t((12, 10)), t((12,)), t((4, 12), grad=rg), 0.3, seed), "1d-x"),
-        ("shard_linear", (t((0, 10), grad=rg), t((12, 10)), t((12,)), t((4, 3), grad=rg), 0.0, None), "N=0-mini"),
-        ("shard_linear_backward", (t((5, 12), bf16), t((5, 4)), t((12, 10), bf16), t((4, 12)), 10, 0.3, seed,
-                                   t((5, 4)), [True, True]), "bf16-fp32-block"),
-        ("bat_linear", (t((5, 8), bf16, grad=rg), t((12, 8), bf16), t((12,), bf16), t((3, 4, 4), scale=0.1, grad=rg)),
-         "bf16-fp32-block"),
-        ("bat_linear_backward", (t((5, 12), bf16), t((5, 8), bf16), t((12, 8), bf16), t((3, 4, 4), scale=0.1),
-                                 [True, True, True]), "bf16-fp32-block"),
-        ("merge_", (t((12, 10), bf16), t((4, 12)), True), "bf16-std"),
-        ("unmerge_", (t((12, 8), torch.float16), t((3, 4, 4), scale=0.1)), "fp16-bat"),
-    ]
-    # merge_ / unmerge_ (weight mutated)
-    samples += [
-        ("merge_", (t((12, 10)), t((4, 12)), False), "std"),
-        ("merge_", (t((12, 10)), t((4, 3)), True), "mini-check_finite"),
-        ("merge_", (t((12, 8)), t((3, 4, 4), scale=0.1), True), "bat-check_finite"),
-        ("unmerge_", (t((12, 10)), t((4, 12))), "std"),
-        ("unmerge_", (t((12, 8)), t((3, 4, 4), scale=0.1)), "bat"),
-    ]
-    return samples
-
-
 @pytest.fixture(params=DTYPES, ids=[dtype_id(d) for d in DTYPES])
 def dtype(request):
     return request.param
-
-
-# ---------------------------------------------------------------------------------------
-# Whole-layer checks (forward and autograd of every op of a variant), for the edge-case tests
-# and reusable on other devices.
-
-
-def check_shard_layer(case: ShardCase, *, dtype=torch.float32, block_dtype=None, p: float = 0.0,
-                      device="cpu", seed_value: int = 4321) -> None:
-    """fold, shard_linear (y and autograd grads of x, weight, bias, block) and shard_delta_add
-    of one standard/mini layer, each against the float64 oracle."""
-    layer = make_shard_layer(case, dtype=dtype, block_dtype=block_dtype, device=device)
-    seed = seed_tensor(seed_value, device) if p > 0 else None
-    r = case.r
-
-    fold = miss_ext.shard_fold(layer.x, r, p, seed)
-    oracle, same = oracle_and_same(lambda x: reference.shard_fold(x, r, p, seed), layer.x)
-    assert_close_to_oracle(fold, oracle, same, dtype=torch.float32, what="shard_fold")
-
-    inputs = [layer.x, layer.weight, layer.bias, layer.block]
-    leaves = [leaf(t) for t in inputs]
-    y = miss_ext.shard_linear(*leaves, p, seed)
-    oracle, same = oracle_and_same(lambda *a: reference.shard_linear(*a, p, seed), *inputs)
-    assert_close_to_oracle(y, oracle, same, dtype=dtype, what="shard_linear")
-    grad_out = rand(y.shape, dtype=dtype, device=device, gen=generator(seed_value + 1))
-    grads = torch.autograd.grad(y, leaves, grad_out)
-    oracle_grads, same_grads = grads_oracle_and_same(
-        lambda *a: reference.shard_linear(*a, p, seed), inputs, [grad_out], [0, 1, 2, 3])
-    for name, g, o, s, t in zip(("x", "weight", "bias", "block"), grads, oracle_grads, same_grads, inputs):
-        assert_close_to_oracle(g, o, s, dtype=t.dtype, what=f"shard_linear grad_{name}")
-
-    y0 = rand((*case.lead, case.out_features), dtype=dtype, device=device, gen=generator(seed_value + 2))
-    y_leaf, x_leaf, block_leaf = leaf(y0), leaf(layer.x), leaf(layer.block)
-    out = miss_ext.shard_delta_add(y_leaf, x_leaf, block_leaf, p, seed)
-    fn = lambda *a: ref_shard_delta_add_outputs(*a, p, seed)[0]  # noqa: E731
-    oracle, same = oracle_and_same(fn, y0, layer.x, layer.block)
-    assert_close_to_oracle(out, oracle, same, dtype=dtype, what="shard_delta_add")
-    grads = torch.autograd.grad(out, (y_leaf, x_leaf, block_leaf), grad_out)
-    oracle_grads, same_grads = grads_oracle_and_same(fn, [y0, layer.x, layer.block], [grad_out], [0, 1, 2])
-    for name, g, o, s, t in zip(("y", "x", "block"), grads, oracle_grads, same_grads, (y0, layer.x, layer.block)):
-        assert_close_to_oracle(g, o, s, dtype=t.dtype, what=f"shard_delta_add grad_{name}")
-
-
-def check_bat_layer(case: BatCase, *, dtype=torch.float32, block_dtype=None, device="cpu") -> None:
-    """bat_linear (y and autograd grads of x, weight, bias, block) against the oracle."""
-    layer = make_bat_layer(case, dtype=dtype, block_dtype=block_dtype, device=device)
-    inputs = [layer.x, layer.weight, layer.bias, layer.block]
-    leaves = [leaf(t) for t in inputs]
-    y = miss_ext.bat_linear(*leaves)
-    oracle, same = oracle_and_same(reference.bat_linear, *inputs)
-    assert_close_to_oracle(y, oracle, same, dtype=dtype, what="bat_linear")
-    grad_out = rand(y.shape, dtype=dtype, device=device, gen=generator(99))
-    grads = torch.autograd.grad(y, leaves, grad_out)
-    oracle_grads, same_grads = grads_oracle_and_same(reference.bat_linear, inputs, [grad_out], [0, 1, 2, 3])
-    for name, g, o, s, t in zip(("x", "weight", "bias", "block"), grads, oracle_grads, same_grads, inputs):
-        assert_close_to_oracle(g, o, s, dtype=t.dtype, what=f"bat_linear grad_{name}")
 
 
 def blocks_for_the_inverse(r, gen):

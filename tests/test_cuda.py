@@ -18,15 +18,14 @@ from conftest import (
     assert_close_to_oracle,
     bat_block,
     blocks_for_the_inverse,
-    check_bat_layer,
-    check_shard_layer,
     dtype_id,
     generator,
     ids,
     rand,
-    sample_inputs,
     seed_tensor,
 )
+from layer_checks import check_bat_layer, check_shard_layer
+from op_samples import sample_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 CUDA = "cuda"

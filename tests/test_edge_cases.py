@@ -15,8 +15,6 @@ from conftest import (
     ShardCase,
     assert_close_to_oracle,
     bat_block,
-    check_bat_layer,
-    check_shard_layer,
     generator,
     leaf,
     make_shard_layer,
@@ -25,6 +23,7 @@ from conftest import (
     rand_away_from_zero,
     seed_tensor,
 )
+from layer_checks import check_bat_layer, check_shard_layer
 
 P_VALUES = pytest.mark.parametrize("p", [0.0, 0.3], ids=["no_dropout", "dropout"])
 

@@ -9,7 +9,7 @@ import torch
 
 import miss_ext
 
-from conftest import sample_inputs
+from op_samples import sample_inputs
 
 DEVICE = "cpu"
 FORWARD_OPS = {"shard_fold", "shard_tile_add", "shard_linear", "shard_delta_add", "bat_weight", "bat_linear"}
