@@ -3,6 +3,7 @@
 #define MISS_EMULATE_CUDA
 #define MISS_CUDA_NAMESPACE emulated_cuda
 #include "../cuda/shard_kernels.cuh"
+#include "../cuda/merge_kernels.cuh"
 #include "../cuda/bat_kernels.cuh"
 #include "../cuda/bat_grad_kernels.cuh"
 #include "../cuda/bat_inverse_kernels.cuh"
