@@ -344,6 +344,7 @@ def make_bat_layer(case: BatCase, *, dtype=torch.float32, block_dtype=None, devi
 
 # (x dtype, block dtype): PEFT's default (bf16/fp16 model, fp32 adapter) and the reverse.
 MIXED_DTYPES = ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16))
+MIXED_IDS = [f"x_{dtype_id(a)}-block_{dtype_id(b)}" for a, b in MIXED_DTYPES]
 
 
 @pytest.fixture(params=DTYPES, ids=[dtype_id(d) for d in DTYPES])

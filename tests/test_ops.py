@@ -18,6 +18,7 @@ from miss_ext import reference
 from conftest import (
     BAT_CASES,
     MIXED_DTYPES,
+    MIXED_IDS,
     SHARD_CASES,
     SHARD_CASES_CORE,
     assert_close_to_oracle,
@@ -40,7 +41,6 @@ from conftest import (
 
 DEVICE = "cpu"
 P_VALUES = (0.0, 0.3)
-MIXED_IDS = [f"x_{dtype_id(a)}-block_{dtype_id(b)}" for a, b in MIXED_DTYPES]
 
 
 def _seed(p, value=977):

@@ -15,6 +15,7 @@ from miss_ext import reference
 from conftest import (
     BAT_CASES,
     MIXED_DTYPES,
+    MIXED_IDS,
     SHARD_CASES,
     assert_close_to_oracle,
     assert_empty_output,
@@ -31,8 +32,6 @@ from conftest import (
 )
 
 DEVICE = "cpu"
-P_VALUES = (0.0, 0.3)
-MIXED_IDS = [f"x_{dtype_id(a)}-block_{dtype_id(b)}" for a, b in MIXED_DTYPES]
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import miss_ext
 from miss_ext import reference
 
 from conftest import (
-    MIXED_DTYPES,
     assert_close_to_oracle,
     bat_block,
     dtype_id,
@@ -23,14 +22,6 @@ from conftest import (
     ref_shard_linear_outputs,
     seed_tensor,
 )
-
-DEVICE = "cpu"
-P_VALUES = (0.0, 0.3)
-MIXED_IDS = [f"x_{dtype_id(a)}-block_{dtype_id(b)}" for a, b in MIXED_DTYPES]
-
-
-def _seed(p, value=977):
-    return seed_tensor(value, DEVICE) if p > 0 else None
 
 
 # ---------------------------------------------------------------------------------------
