@@ -176,3 +176,23 @@ def test_bat_unmerge_is_one_inverse_one_wait_one_kernel():
                              lambda: EMU.launch_log(clear=True))
     assert names(trace) == ["bat_inverse_kernel<scalar_t>", "copy_to_host", "bat_untransform_mma_kernel<kRank>"]
     assert trace.calls[0].barriers == 2 * shape.r + 4
+
+
+@pytest.mark.parametrize("tokens", [1, 8], ids=["decode-1-token", "training-8-tokens"])
+def test_bat_weight_slabs_are_few_at_small_tokens(tokens):
+    """The slab budgets follow x and dy, so at few tokens (decoding one token with an unmerged
+    adapter, a short micro-batch) they alone would cut W' and G into single r blocks: out / r
+    launches of each, where the GEMMs are tiny and the launches are the cost. However few the
+    tokens, a temporary takes at most 4 slabs (a quarter of W', or of G, is small beside the
+    weight the layer holds)."""
+    shape = gpu_trace.Shape(tokens, 256, 320, 16, 4)  # out / r = 20 blocks, not a multiple of 4
+    trace = recorded("bat", shape=shape)
+    forward, backward = names(trace, "forward"), names(trace, "backward")
+    transform = "bat_transform_mma_kernel<kRank>"
+    assert forward == [transform, "aten::mm"] * 4
+    assert 1 <= backward.count("mm.dtype") <= 4
+    assert 1 <= backward.count(transform) <= 4
+    g_columns = sum(c.shapes[1][1] for c in trace.calls if c.name == "mm.dtype")
+    assert g_columns == shape.in_features  # every column of G once
+    w_rows = sum(c.shapes[1][1] for c in trace.calls if c.name == "aten::mm" and c.phase == "forward")
+    assert w_rows == shape.out_features  # every row of W' once

@@ -6,6 +6,7 @@
 #include "../aten_calls.h"
 #include "../checks.h"
 #include "bat_batched.h"
+#include "../shard_index.h"  // ceil_div
 #include "../tensor_views.h"
 #include "gemm.h"
 #include "ops.h"
@@ -55,13 +56,21 @@ int64_t bytes_of(const Tensor& t) { return t.numel() * static_cast<int64_t>(t.el
 // - G: x's bytes too, because the backward builds G (and dB from it) before it allocates dx:
 //   G and its partial sums then take no more than dx and a W' slab will.
 // - dx's W', built while dx is alive: 1/8 of dy's bytes.
+// However few the tokens, a temporary takes at most kMaxSlabs slabs: budgets tied to x and dy
+// alone would cut W' into single r blocks when decoding one token with an unmerged adapter
+// (out / r launches of tiny GEMMs, the launches being the cost), and a quarter of W' or G is
+// small beside the weight the layer holds.
 // At the benchmark shape (N = 2 in = 2 out) the forward's W' and G are whole, and dx's W' is
 // in 4 slabs of 1024 columns; each slab's GEMM is still large. The rules scale with the shape,
 // so the number of slabs does not depend on the size (benchmarks/gpu_cost_model.py relies on
 // it).
+constexpr int64_t kMaxSlabs = 4;
+
 int64_t slab_lines(const Tensor& x, int64_t lines, int64_t line_bytes, int64_t r, int64_t budget_bytes) {
   if (!on_cuda_path(x)) return std::max<int64_t>(lines, 1);
-  return std::max<int64_t>(r, budget_bytes / std::max<int64_t>(1, line_bytes) / r * r);
+  const int64_t within_budget = budget_bytes / std::max<int64_t>(1, line_bytes) / r * r;
+  const int64_t fewest_slabs = ceil_div(ceil_div(lines, kMaxSlabs), r) * r;
+  return std::max({r, within_budget, fewest_slabs});
 }
 
 // f(first, count) for the slabs [first, first + count) of [0, lines), step lines each.
