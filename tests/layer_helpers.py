@@ -16,9 +16,9 @@ from miss_ext import MissLinear, reference
 from conftest import assert_close_to_oracle, bat_block, generator, rand
 from models import same_bits
 
-# name -> (r, mini_r, dropout, init_weights). "std" has in % r != 0; "bat2" composes with "bat".
 IN, OUT = 24, 16
 
+# name -> (r, mini_r, dropout, init_weights). "std" has in % r != 0; "bat2" composes with "bat".
 ADAPTERS = {
     "std": (5, 1, 0.0, True),
     "mini": (4, 4, 0.0, "mini"),
