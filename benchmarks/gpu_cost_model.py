@@ -35,6 +35,11 @@ The model (every figure is an assumption, stated here and in the results file):
   takes max(GPU time, host time).
 - Peak memory: what the step allocates (outputs, saved tensors, temporaries), recorded by the
   profiler at the probe shape and scaled; inputs (x, W, dy) excluded.
+
+Beside the predictions it prints, for the variants with a GPU target, the floor of the design
+class at the same rates (benchmarks/gpu_floor.py: what no path built on cuBLAS GEMMs can avoid)
+and the predicted ratios at other GEMM and memory efficiencies, the two assumptions that decide
+whether a target is met: a GPU measures them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import sys
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_floor  # noqa: E402
 import gpu_trace  # noqa: E402
 import gpu_variants  # noqa: E402
 
@@ -152,9 +158,11 @@ def elementwise_bytes(call: gpu_trace.Call) -> int:
     return sum(sizes) + max(sizes)
 
 
-def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
-    """Predicted microseconds of a trace on `gpu`, with its launches and dominant call."""
-    bandwidth = gpu["hbm_tb_s"] * 1e12 * MEMORY_EFFICIENCY
+def price(trace: gpu_trace.Trace, gpu: Dict, gemm_efficiency: float = GEMM_EFFICIENCY,
+          memory_efficiency: float = MEMORY_EFFICIENCY) -> Dict:
+    """Predicted microseconds of a trace on `gpu`, with its launches and dominant call (the two
+    efficiencies are the model's unless a sensitivity study asks for others)."""
+    bandwidth = gpu["hbm_tb_s"] * 1e12 * memory_efficiency
     gpu_us, rows = 0.0, []
     for call in trace.calls:
         int_rate = gpu["int32_tops"] * 1e12 * INT_EFFICIENCY
@@ -172,7 +180,7 @@ def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
             bytes_, flops, kind, us = 0, 0, "host wait", HOST_COPY_US
         elif call.name in GEMMS:
             flops, bytes_, dtype = gemm_cost(call)
-            compute = flops / (_peak_tflops(gpu, dtype) * 1e12 * GEMM_EFFICIENCY)
+            compute = flops / (_peak_tflops(gpu, dtype) * 1e12 * gemm_efficiency)
             us, kind = max(compute, bytes_ / bandwidth) * 1e6, f"gemm {dtype}"
         else:
             bytes_, flops, kind = elementwise_bytes(call), 0, "memory"
@@ -190,7 +198,38 @@ def price(trace: gpu_trace.Trace, gpu: Dict) -> Dict:
             "peak_mib": trace.peak_bytes / 2**20, "dominant": dominant, "calls": rows}
 
 
-def predict(shape: gpu_trace.Shape, scale: int) -> Dict:
+# The variants with a GPU target (DESIGN.md: standard/mini <= 1.15x, bat <= 1.6x), and the
+# efficiencies a sensitivity study varies: the two assumptions every ratio turns on.
+TARGETS = {"miss_ext standard": ("standard", 1.15), "miss_ext mini": ("mini", 1.15), "miss_ext bat": ("bat", 1.6)}
+SENSITIVITY = {"gemm_efficiency": (0.6, 0.7, 0.8), "memory_efficiency": (0.75, 0.85, 0.95)}
+
+
+def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape) -> Dict:
+    """Per GPU: each target variant's floor (benchmarks/gpu_floor.py) beside its prediction and
+    target, and its predicted ratio at every pair of the efficiencies of SENSITIVITY."""
+    analysis = {}
+    for gpu_name, gpu in GPUS.items():
+        floors = gpu_floor.floor_ratios(shape, gpu, GEMM_EFFICIENCY, MEMORY_EFFICIENCY, KERNEL_FLOOR_US,
+                                        LAUNCH_GAP_US)
+        base, priced = price(traces["frozen Linear"], gpu), {name: price(traces[name], gpu) for name in TARGETS}
+        # predicted: the step's time (the host's where it is longer); predicted_gpu: the GPU's
+        # alone, which is what the floor bounds.
+        rows = {name: {"target": target, "predicted": priced[name]["us"] / base["us"],
+                       "predicted_gpu": priced[name]["gpu_us"] / base["gpu_us"], "floor": floors[variant]["ratio"],
+                       "floor_terms_us": {k: round(v, 1) for k, v in floors[variant]["terms"].items()}}
+                for name, (variant, target) in TARGETS.items()}
+        grid = []
+        for gemm in SENSITIVITY["gemm_efficiency"]:
+            for memory in SENSITIVITY["memory_efficiency"]:
+                frozen = price(traces["frozen Linear"], gpu, gemm, memory)["us"]
+                grid.append({"gemm_efficiency": gemm, "memory_efficiency": memory,
+                             **{name: price(traces[name], gpu, gemm, memory)["us"] / frozen for name in TARGETS}})
+        analysis[gpu_name] = {"targets": rows, "sensitivity": grid}
+    return analysis
+
+
+def predict(shape: gpu_trace.Shape, scale: int):
+    """(the predicted tables per GPU, and analyse()'s floors and sensitivity)."""
     traces = gpu_variants.record_all(shape, scale)
     results = {}
     for gpu_name, gpu in GPUS.items():
@@ -212,10 +251,10 @@ def predict(shape: gpu_trace.Shape, scale: int) -> Dict:
                    "dominant": [f"{d['call']} {d['shapes']}: {d['us']:.1f} us" for d in p["dominant"]],
                    "calls": p["calls"]}
             for name, p in priced.items()}
-    return results
+    return results, analyse(traces, shape)
 
 
-def report(results: Dict, shape: gpu_trace.Shape) -> str:
+def report(results: Dict, shape: gpu_trace.Shape, analysis: Dict) -> str:
     import datetime
     import platform
 
@@ -236,8 +275,33 @@ def report(results: Dict, shape: gpu_trace.Shape) -> str:
             lines.append(f"| {name} | {row['ratio']:.2f}x | {row['us']:.0f} | {row['launches']} | "
                          f"{row['peak_mib']:.0f} | {row['dominant'][0] if row['dominant'] else ''} |")
         lines.append("")
+    lines += report_analysis(analysis)
     lines += ["Assumptions: " + json.dumps(ASSUMPTIONS), ""]
     return "\n".join(lines)
+
+
+def report_analysis(analysis: Dict) -> List[str]:
+    lines = []
+    for gpu_name, part in analysis.items():
+        lines += [f"## {gpu_name}: targets, predictions and the design floor (predicted)", "",
+                  "The floor: the least a CUDA path whose large GEMMs are cuBLAS's can take, at the model's rates "
+                  "(benchmarks/gpu_floor.py says what it counts and why). It bounds the GPU's time; where the host's "
+                  "is longer (small shapes), the step's ratio is the host's.", "",
+                  "| variant | target | predicted | predicted, GPU time alone | floor of the GPU time | floor's terms (us) |",
+                  "|---|---|---|---|---|---|"]
+        for name, row in part["targets"].items():
+            terms = ", ".join(f"{k} {v:.1f}" for k, v in row["floor_terms_us"].items())
+            lines.append(f"| {name} | <= {row['target']:.2f}x | {row['predicted']:.3f}x | {row['predicted_gpu']:.3f}x | "
+                         f"{row['floor']:.3f}x | {terms} |")
+        lines += ["", f"Predicted ratio at other efficiencies ({gpu_name}; the model's: GEMM {GEMM_EFFICIENCY}, "
+                  f"memory {MEMORY_EFFICIENCY}):", "",
+                  "| GEMM efficiency | memory efficiency | " + " | ".join(TARGETS) + " |",
+                  "|---|---|" + "---|" * len(TARGETS)]
+        for row in part["sensitivity"]:
+            lines.append(f"| {row['gemm_efficiency']} | {row['memory_efficiency']} | "
+                         + " | ".join(f"{row[name]:.3f}x" for name in TARGETS) + " |")
+        lines.append("")
+    return lines
 
 
 def compare_with_measurement(results: Dict, path: str) -> str:
@@ -273,8 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--measured", help="a bench_layer.py JSON result measured on a GPU, to compare with")
     args = parser.parse_args(argv)
     shape = gpu_trace.Shape(args.tokens, args.in_features, args.out_features, args.r, args.mini_r)
-    results = predict(shape, args.scale)
-    text = report(results, shape)
+    results, analysis = predict(shape, args.scale)
+    text = report(results, shape, analysis)
     print(text)
     if args.measured:
         print(compare_with_measurement(results, args.measured))
@@ -285,7 +349,8 @@ def main(argv=None) -> int:
         f.write(text)
     with open(stem + ".json", "w") as f:
         json.dump({"label": "PREDICTION, not a measurement", "shape": vars(shape) if hasattr(shape, "__dict__") else
-                   shape.__dict__, "assumptions": ASSUMPTIONS, "gpus": GPUS, "results": results}, f, indent=1)
+                   shape.__dict__, "assumptions": ASSUMPTIONS, "gpus": GPUS, "results": results,
+                   "analysis": analysis}, f, indent=1)
     print(f"wrote {stem}.md and .json")
     return 0
 

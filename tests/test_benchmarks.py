@@ -93,6 +93,13 @@ def test_gpu_cost_model_tiny(tmp_path, capsys):
     g_columns = [c["shapes"][1][1] for c in h100["miss_ext bat"]["calls"] if c["call"] == "mm.dtype"]
     assert sum(g_columns) == 768
     assert "PREDICTIONS (no GPU used)" in stem.with_suffix(".md").read_text()
+    # The floor of the design class is a lower bound of what the path issues, at the same rates.
+    for gpu_name, part in result["analysis"].items():
+        for name, row in part["targets"].items():
+            assert row["floor"] <= row["predicted_gpu"], (gpu_name, name)
+        assert len(part["sensitivity"]) == 9
+        nominal = [r for r in part["sensitivity"] if (r["gemm_efficiency"], r["memory_efficiency"]) == (0.7, 0.85)]
+        assert nominal[0]["miss_ext bat"] == pytest.approx(part["targets"]["miss_ext bat"]["predicted"])
 
 
 def test_weight_path_numerics_tiny(capsys):
