@@ -5,6 +5,8 @@ the frozen nn.Linear, PEFT's MiSS and PEFT's LoRA, on an H100 SXM and an H200 SX
 
     python benchmarks/gpu_cost_model.py              # tokens 8192, in = out = 4096, r 64, bf16
     python benchmarks/gpu_cost_model.py --measured benchmarks/results/layer_cuda_<...>.json
+    (also prints the efficiencies the measurement implies and the predictions at those:
+    benchmarks/gpu_measured.py)
 
 The model (every figure is an assumption, stated here and in the results file):
 - A GEMM takes max(FLOPs / (peak * GEMM_EFFICIENCY), bytes / (HBM * MEMORY_EFFICIENCY)), with
@@ -48,10 +50,11 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_floor  # noqa: E402
+import gpu_measured  # noqa: E402
 import gpu_trace  # noqa: E402
 import gpu_variants  # noqa: E402
 
@@ -204,9 +207,11 @@ TARGETS = {"miss_ext standard": ("standard", 1.15), "miss_ext mini": ("mini", 1.
 SENSITIVITY = {"gemm_efficiency": (0.6, 0.7, 0.8), "memory_efficiency": (0.75, 0.85, 0.95)}
 
 
-def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape) -> Dict:
+def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape, calibration: Optional[Dict] = None) -> Dict:
     """Per GPU: each target variant's floor (benchmarks/gpu_floor.py) beside its prediction and
-    target, and its predicted ratio at every pair of the efficiencies of SENSITIVITY."""
+    target, and its predicted ratio at every pair of the efficiencies of SENSITIVITY; with a
+    `calibration` ({GPU name: efficiencies a measurement implies}, benchmarks/gpu_measured.py),
+    every implementation's ratio at those efficiencies too."""
     analysis = {}
     for gpu_name, gpu in GPUS.items():
         floors = gpu_floor.floor_ratios(shape, gpu, GEMM_EFFICIENCY, MEMORY_EFFICIENCY, KERNEL_FLOOR_US,
@@ -225,11 +230,19 @@ def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape) -> Dict:
                 grid.append({"gemm_efficiency": gemm, "memory_efficiency": memory,
                              **{name: price(traces[name], gpu, gemm, memory)["us"] / frozen for name in TARGETS}})
         analysis[gpu_name] = {"targets": rows, "sensitivity": grid}
+        if calibration and gpu_name in calibration:
+            gemm = calibration[gpu_name]["gemm_efficiency"] or GEMM_EFFICIENCY
+            memory = calibration[gpu_name]["memory_efficiency"] or MEMORY_EFFICIENCY
+            frozen = price(traces["frozen Linear"], gpu, gemm, memory)["us"]
+            analysis[gpu_name]["at_measured_efficiencies"] = {
+                "gemm_efficiency": gemm, "memory_efficiency": memory, "model_gemm_efficiency": GEMM_EFFICIENCY,
+                "model_memory_efficiency": MEMORY_EFFICIENCY,
+                **{name: price(trace, gpu, gemm, memory)["us"] / frozen for name, trace in traces.items()}}
     return analysis
 
 
-def predict(shape: gpu_trace.Shape, scale: int):
-    """(the predicted tables per GPU, and analyse()'s floors and sensitivity)."""
+def predict(shape: gpu_trace.Shape, scale: int, calibration: Optional[Dict] = None):
+    """(the predicted tables per GPU, and analyse()'s floors, sensitivity and calibration)."""
     traces = gpu_variants.record_all(shape, scale)
     results = {}
     for gpu_name, gpu in GPUS.items():
@@ -251,7 +264,7 @@ def predict(shape: gpu_trace.Shape, scale: int):
                    "dominant": [f"{d['call']} {d['shapes']}: {d['us']:.1f} us" for d in p["dominant"]],
                    "calls": p["calls"]}
             for name, p in priced.items()}
-    return results, analyse(traces, shape)
+    return results, analyse(traces, shape, calibration)
 
 
 def report(results: Dict, shape: gpu_trace.Shape, analysis: Dict) -> str:
@@ -304,27 +317,6 @@ def report_analysis(analysis: Dict) -> List[str]:
     return lines
 
 
-def compare_with_measurement(results: Dict, path: str) -> str:
-    """Predicted vs measured fwd+bwd ratios, for a bench_layer.py result file written on a GPU
-    (its bf16-fp32 rows: the setting the model predicts)."""
-    with open(path) as f:
-        measured = json.load(f)
-    gpu = measured.get("machine", {}).get("gpu", "")
-    gpu_name = "H200 SXM" if "H200" in gpu else "H100 SXM"
-    names = {("ours (kernels)", "standard", 0.0): "miss_ext standard",
-             ("ours (kernels)", "standard", 0.1): "miss_ext standard dropout 0.1",
-             ("ours (kernels)", "mini", 0.0): "miss_ext mini", ("ours (kernels)", "bat", 0.0): "miss_ext bat",
-             ("PEFT MiSS", "standard", 0.0): "PEFT MiSS standard", ("PEFT MiSS", "standard", 0.1): "PEFT MiSS standard dropout 0.1",
-             ("PEFT MiSS", "mini", 0.0): "PEFT MiSS mini", ("PEFT MiSS", "bat", 0.0): "PEFT MiSS bat"}
-    lines = [f"prediction ({gpu_name}) vs measurement ({gpu or 'unknown device'}, {path})"]
-    for row in measured.get("rows", []):
-        name = names.get((row.get("candidate"), row.get("variant"), row.get("dropout")))
-        if name and row.get("dtype") == "bf16-fp32":
-            lines.append(f"  {name}: predicted {results[gpu_name][name]['ratio']:.2f}x, "
-                         f"measured {row['fwd_bwd_ratio']:.2f}x")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -337,11 +329,16 @@ def main(argv=None) -> int:
     parser.add_argument("--measured", help="a bench_layer.py JSON result measured on a GPU, to compare with")
     args = parser.parse_args(argv)
     shape = gpu_trace.Shape(args.tokens, args.in_features, args.out_features, args.r, args.mini_r)
-    results, analysis = predict(shape, args.scale)
+    measured = gpu_measured.load(args.measured) if args.measured else None
+    calibration = None
+    if measured:
+        gpu_name = gpu_measured.gpu_name_of(measured)
+        calibration = {gpu_name: gpu_measured.implied_efficiencies(measured, GPUS[gpu_name])}
+    results, analysis = predict(shape, args.scale, calibration)
     text = report(results, shape, analysis)
     print(text)
-    if args.measured:
-        print(compare_with_measurement(results, args.measured))
+    if measured:
+        print(gpu_measured.compare(results, analysis, measured, shape))
     stem = os.path.join(args.results_dir, f"gpu_cost_model_predictions_{shape.tokens}x{shape.in_features}x"
                                           f"{shape.out_features}_r{shape.r}")
     os.makedirs(args.results_dir, exist_ok=True)

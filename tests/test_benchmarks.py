@@ -74,14 +74,27 @@ def test_gpu_cost_model_tiny(tmp_path, capsys):
     if not hasattr(torch.ops.miss_emulated_cuda, "shard_fold"):
         pytest.skip("miss_ext was built without the CUDA emulator")
     model = load("gpu_cost_model")
+    # A made-up H200 measurement whose frozen Linear ran its two GEMMs at exactly half the bf16
+    # peak and whose W.copy_() ran at 0.9 of the HBM bandwidth.
+    h200 = model.GPUS["H200 SXM"]
+    gemm_ms = 2 * 2 * 1536 * 768 * 768 / (0.5 * h200["bf16_tflops"] * 1e12) * 1e3
+    copy_ms = 2 * 2 * 768 * 768 / (0.9 * h200["hbm_tb_s"] * 1e12) * 1e3
     measured = tmp_path / "layer_cuda.json"
-    measured.write_text(json.dumps({"machine": {"gpu": "NVIDIA H200"}, "rows": [
-        {"dtype": "bf16-fp32", "candidate": "ours (kernels)", "variant": "bat", "dropout": 0.0, "fwd_bwd_ratio": 1.7}]}))
+    measured.write_text(json.dumps({
+        "machine": {"gpu": "NVIDIA H200"},
+        "args": {"tokens": 1536, "in_features": 768, "out_features": 768, "r": 48, "mini_r": 16},
+        "rows": [{"dtype": "bf16-fp32", "candidate": "Linear (frozen)", "variant": "bat", "dropout": 0.0,
+                  "fwd_bwd_ms": gemm_ms, "fwd_bwd_ratio": 1.0},
+                 {"dtype": "bf16-fp32", "candidate": "ours (kernels)", "variant": "bat", "dropout": 0.0,
+                  "fwd_bwd_ms": 1.7 * gemm_ms, "fwd_bwd_ratio": 1.7}],
+        "merge": [{"dtype": "bf16-fp32", "variant": "standard", "candidate": "ours (kernels)", "copy_ms": copy_ms}]}))
     assert model.main(["--tokens", "1536", "--in-features", "768", "--out-features", "768", "--r", "48",
                        "--mini-r", "16", "--scale", "4", "--results-dir", str(tmp_path), "--measured", str(measured)]) == 0
     printed = capsys.readouterr().out
     assert "prediction (H200 SXM) vs measurement (NVIDIA H200" in printed
-    assert "miss_ext bat: predicted" in printed and "measured 1.70x" in printed
+    assert "implied by the measurement: GEMM efficiency 0.500, memory efficiency 0.900" in printed
+    assert "miss_ext bat: predicted" in printed and "at the measured efficiencies" in printed
+    assert "measured 1.70x" in printed and "WARNING" not in printed
     stem = tmp_path / "gpu_cost_model_predictions_1536x768x768_r48"
     result = json.loads(stem.with_suffix(".json").read_text())
     assert result["label"].startswith("PREDICTION")
