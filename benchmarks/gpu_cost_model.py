@@ -201,27 +201,29 @@ def price(trace: gpu_trace.Trace, gpu: Dict, gemm_efficiency: float = GEMM_EFFIC
             "peak_mib": trace.peak_bytes / 2**20, "dominant": dominant, "calls": rows}
 
 
-# The variants with a GPU target (DESIGN.md: standard/mini <= 1.15x, bat <= 1.6x), and the
+# The variants with a GPU target (docs/design.md: standard/mini <= 1.15x, bat <= 1.6x), and the
 # efficiencies a sensitivity study varies: the two assumptions every ratio turns on.
 TARGETS = {"miss_ext standard": ("standard", 1.15), "miss_ext mini": ("mini", 1.15), "miss_ext bat": ("bat", 1.6)}
 SENSITIVITY = {"gemm_efficiency": (0.6, 0.7, 0.8), "memory_efficiency": (0.75, 0.85, 0.95)}
 
 
-def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape, calibration: Optional[Dict] = None) -> Dict:
-    """Per GPU: each target variant's floor (benchmarks/gpu_floor.py) beside its prediction and
-    target, and its predicted ratio at every pair of the efficiencies of SENSITIVITY; with a
-    `calibration` ({GPU name: efficiencies a measurement implies}, benchmarks/gpu_measured.py),
-    every implementation's ratio at those efficiencies too."""
+def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape, results: Dict,
+            calibration: Optional[Dict] = None) -> Dict:
+    """Per GPU: each target variant's floor (benchmarks/gpu_floor.py, priced here like a recorded
+    trace) beside its prediction (from `results`) and target, and its predicted ratio at every
+    pair of the efficiencies of SENSITIVITY; with a `calibration` ({GPU name: efficiencies a
+    measurement implies, None where it has none}, benchmarks/gpu_measured.py), every
+    implementation's ratio at those efficiencies too."""
     analysis = {}
     for gpu_name, gpu in GPUS.items():
-        floors = gpu_floor.floor_ratios(shape, gpu, GEMM_EFFICIENCY, MEMORY_EFFICIENCY, KERNEL_FLOOR_US,
-                                        LAUNCH_GAP_US)
-        base, priced = price(traces["frozen Linear"], gpu), {name: price(traces[name], gpu) for name in TARGETS}
+        floors = {variant: price(gpu_floor.floor_trace(variant, shape), gpu) for variant in gpu_floor.VARIANTS}
+        predicted = results[gpu_name]
         # predicted: the step's time (the host's where it is longer); predicted_gpu: the GPU's
         # alone, which is what the floor bounds.
-        rows = {name: {"target": target, "predicted": priced[name]["us"] / base["us"],
-                       "predicted_gpu": priced[name]["gpu_us"] / base["gpu_us"], "floor": floors[variant]["ratio"],
-                       "floor_terms_us": {k: round(v, 1) for k, v in floors[variant]["terms"].items()}}
+        rows = {name: {"target": target, "predicted": predicted[name]["ratio"],
+                       "predicted_gpu": predicted[name]["gpu_us"] / predicted["frozen Linear"]["gpu_us"],
+                       "floor": floors[variant]["gpu_us"] / floors["frozen Linear"]["gpu_us"],
+                       "floor_terms_us": {f"{c['phase']} {c['call']}": c["us"] for c in floors[variant]["calls"]}}
                 for name, (variant, target) in TARGETS.items()}
         grid = []
         for gemm in SENSITIVITY["gemm_efficiency"]:
@@ -231,12 +233,13 @@ def analyse(traces: Dict[str, gpu_trace.Trace], shape: gpu_trace.Shape, calibrat
                              **{name: price(traces[name], gpu, gemm, memory)["us"] / frozen for name in TARGETS}})
         analysis[gpu_name] = {"targets": rows, "sensitivity": grid}
         if calibration and gpu_name in calibration:
-            gemm = calibration[gpu_name]["gemm_efficiency"] or GEMM_EFFICIENCY
-            memory = calibration[gpu_name]["memory_efficiency"] or MEMORY_EFFICIENCY
+            implied = calibration[gpu_name]
+            gemm = implied["gemm_efficiency"] if implied["gemm_efficiency"] is not None else GEMM_EFFICIENCY
+            memory = implied["memory_efficiency"] if implied["memory_efficiency"] is not None else MEMORY_EFFICIENCY
             frozen = price(traces["frozen Linear"], gpu, gemm, memory)["us"]
             analysis[gpu_name]["at_measured_efficiencies"] = {
-                "gemm_efficiency": gemm, "memory_efficiency": memory, "model_gemm_efficiency": GEMM_EFFICIENCY,
-                "model_memory_efficiency": MEMORY_EFFICIENCY,
+                "implied": implied, "gemm_efficiency": gemm, "memory_efficiency": memory,
+                "model_gemm_efficiency": GEMM_EFFICIENCY, "model_memory_efficiency": MEMORY_EFFICIENCY,
                 **{name: price(trace, gpu, gemm, memory)["us"] / frozen for name, trace in traces.items()}}
     return analysis
 
@@ -264,7 +267,7 @@ def predict(shape: gpu_trace.Shape, scale: int, calibration: Optional[Dict] = No
                    "dominant": [f"{d['call']} {d['shapes']}: {d['us']:.1f} us" for d in p["dominant"]],
                    "calls": p["calls"]}
             for name, p in priced.items()}
-    return results, analyse(traces, shape, calibration)
+    return results, analyse(traces, shape, results, calibration)
 
 
 def report(results: Dict, shape: gpu_trace.Shape, analysis: Dict) -> str:

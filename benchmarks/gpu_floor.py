@@ -4,8 +4,10 @@ rest are kernels of ours. A PREDICTION, like every figure of benchmarks/gpu_cost
 
 A cuBLAS GEMM reads its operands and an accumulated C from memory and writes its result there:
 it takes no operand built on the fly and computes nothing else in its epilogue. So, beside the
-base GEMMs, a variant pays at least for the passes listed below, each at the model's bandwidth,
-and one launch gap for each kernel it needs at least. What is counted, and why it cannot go:
+base GEMMs, a variant issues at least the kernels listed below, moving at least these bytes.
+floor_trace() writes them down as a trace, and gpu_cost_model.py prices it like any recorded
+one (GPU time only: the host's, which bounds small shapes, is not a floor of the design).
+What is counted, and why it cannot go:
 
 standard (y = x W^T + fold(x) B; dx = dy W + tile(dy B^T); dB = fold(x)^T dy):
 - x read by the fold: the base GEMM reads x too, but returns no fold;
@@ -28,53 +30,46 @@ bat (y = x W'^T with W' = the transform of W; dx = dy W'; G = dy^T x; dB from G 
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import List
 
-BF16, FP32 = 2, 4
+import gpu_trace
+
+BF16 = "c10::BFloat16"
+VARIANTS = ("frozen Linear", "standard", "mini", "bat")
 
 
-def floor_terms(variant: str, shape, gpu: Dict, gemm_efficiency: float, memory_efficiency: float,
-                kernel_floor_us: float, launch_gap_us: float) -> Dict[str, float]:
-    """Microseconds of each term of `variant`'s floor ("frozen Linear", "standard", "mini",
-    "bat") at `shape` (tokens, in_features, out_features, r) on `gpu`: GPU time, as the cost
-    model prices it (every call at least kernel_floor_us, plus launch_gap_us after it); the
-    host's time, which bounds small shapes, is not a floor of the design."""
+def _kernel(name: str, phase: str, **buffers: int) -> gpu_trace.Call:
+    """A kernel of ours that moves `buffers` (name: bytes; a name ending in _out is written,
+    any other read), memory-bound, on every SM."""
+    roles = [(key, "out" if key.endswith("_out") else "in", bytes_) for key, bytes_ in buffers.items()]
+    return gpu_trace.Call(name, [], [], buffers=roles, phase=phase)
+
+
+def _gemm(name: str, phase: str, a, b) -> gpu_trace.Call:
+    return gpu_trace.Call(name, [a, b], [BF16, BF16], phase=phase)
+
+
+def floor_trace(variant: str, shape: gpu_trace.Shape) -> gpu_trace.Trace:
+    """The least `variant` ("frozen Linear", "standard", "mini", "bat") issues for one
+    forward+backward at `shape`."""
     t, i, o, r = shape.tokens, shape.in_features, shape.out_features, shape.r
-    bandwidth = gpu["hbm_tb_s"] * 1e12 * memory_efficiency
-
-    def gemm(m: int, k: int, n: int, out_bytes: int = BF16) -> float:
-        flops = 2 * m * k * n
-        bytes_ = BF16 * (m * k + k * n) + out_bytes * m * n
-        us = max(flops / (gpu["bf16_tflops"] * 1e12 * gemm_efficiency), bytes_ / bandwidth) * 1e6
-        return max(us, kernel_floor_us) + launch_gap_us
-
-    def kernels(count: int, bytes_: int) -> float:  # `count` kernels of ours moving `bytes_` in all
-        return max(bytes_ / bandwidth * 1e6, count * kernel_floor_us) + count * launch_gap_us
-
-    terms = {"base GEMMs": gemm(t, i, o) + gemm(t, o, i)}
-    fold = 2 * FP32 * t * r  # written by the forward, read by the backward
+    x, dx, y, dy = 2 * t * i, 2 * t * i, 2 * t * o, 2 * t * o  # bf16 activations
+    fold, weight = 4 * t * r, 2 * o * i
+    calls: List[gpu_trace.Call] = [_gemm("aten::mm", "forward", (t, i), (i, o)),
+                                   _gemm("aten::mm", "backward", (t, o), (o, i))]
     if variant == "standard":
-        terms["3 kernels: x, y, dy twice, dx"] = kernels(3, BF16 * t * (i + o + 2 * o + i) + fold)
+        calls += [_kernel("fold and delta", "forward", x=x, y_out=y, fold_out=fold),
+                  _kernel("g and its tile", "backward", dy=dy, dx_out=dx),
+                  _kernel("dB", "backward", dy=dy, fold=fold)]
     elif variant == "mini":
-        terms["3 kernels: x, y, dy, dx"] = kernels(3, BF16 * t * (i + o + o + i) + fold)
+        calls += [_kernel("fold and tiled delta", "forward", x=x, y_out=y, fold_out=fold),
+                  _kernel("fold of dy, g and dB", "backward", dy=dy, fold=fold),
+                  _kernel("tile of g", "backward", dx_out=dx)]
     elif variant == "bat":
-        terms["G GEMM"] = gemm(o, t, i, out_bytes=FP32)
-        terms["3 kernels: W and W' twice, G and W"] = kernels(3, 2 * (BF16 * i * o + BF16 * i * o) + FP32 * i * o
-                                                              + BF16 * i * o)
+        calls += [_kernel("transform", "forward", w=weight, w_transformed_out=weight),
+                  gpu_trace.Call("mm.dtype", [(o, t), (t, i)], [BF16, BF16], phase="backward"),  # G, float32
+                  _kernel("block gradient", "backward", g=2 * weight, w=weight),  # G is float32
+                  _kernel("transform for dx", "backward", w=weight, w_transformed_out=weight)]
     elif variant != "frozen Linear":
         raise ValueError(f"gpu_floor: no floor for variant {variant!r}")
-    return terms
-
-
-def floor_ratios(shape, gpu: Dict, gemm_efficiency: float, memory_efficiency: float, kernel_floor_us: float,
-                 launch_gap_us: float) -> Dict[str, Dict]:
-    """Each variant's floor: its terms, its microseconds and its ratio to the frozen Linear's
-    (its two GEMMs: the cost model's GPU time of the frozen Linear)."""
-    rows = {}
-    for variant in ("frozen Linear", "standard", "mini", "bat"):
-        terms = floor_terms(variant, shape, gpu, gemm_efficiency, memory_efficiency, kernel_floor_us, launch_gap_us)
-        rows[variant] = {"terms": terms, "us": sum(terms.values())}
-    frozen = rows["frozen Linear"]["us"]
-    for row in rows.values():
-        row["ratio"] = row["us"] / frozen
-    return rows
+    return gpu_trace.Trace(calls, host_calls=0, python_calls=0, peak_bytes=0)

@@ -72,9 +72,13 @@ def compare(results: Dict, analysis: Dict, measured: Dict, shape) -> str:
                      f"{(shape.tokens, shape.in_features, shape.out_features, shape.r)}")
     calibrated = analysis[gpu_name].get("at_measured_efficiencies", {})
     if calibrated:
-        lines.append(f"  implied by the measurement: GEMM efficiency {calibrated['gemm_efficiency']:.3f}, "
-                     f"memory efficiency {calibrated['memory_efficiency']:.3f} (the model assumes "
-                     f"{calibrated['model_gemm_efficiency']}, {calibrated['model_memory_efficiency']})")
+        said = []
+        for kind, what in (("gemm", "GEMM"), ("memory", "memory")):
+            value, model = calibrated["implied"][f"{kind}_efficiency"], calibrated[f"model_{kind}_efficiency"]
+            said.append(f"{what} efficiency {value:.3f} (the model assumes {model})" if value is not None else
+                        f"{what} efficiency: none in the file (no {'frozen Linear' if kind == 'gemm' else 'merge'} "
+                        f"row), the model's {model} used")
+        lines.append("  implied by the measurement: " + ", ".join(said))
     for row in measured.get("rows", []):
         name = _model_name(row, size["r"])
         if name and row.get("dtype") == "bf16-fp32":

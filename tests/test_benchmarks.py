@@ -92,7 +92,8 @@ def test_gpu_cost_model_tiny(tmp_path, capsys):
                        "--mini-r", "16", "--scale", "4", "--results-dir", str(tmp_path), "--measured", str(measured)]) == 0
     printed = capsys.readouterr().out
     assert "prediction (H200 SXM) vs measurement (NVIDIA H200" in printed
-    assert "implied by the measurement: GEMM efficiency 0.500, memory efficiency 0.900" in printed
+    assert ("implied by the measurement: GEMM efficiency 0.500 (the model assumes 0.7), "
+            "memory efficiency 0.900 (the model assumes 0.85)") in printed
     assert "miss_ext bat: predicted" in printed and "at the measured efficiencies" in printed
     assert "measured 1.70x" in printed and "WARNING" not in printed
     stem = tmp_path / "gpu_cost_model_predictions_1536x768x768_r48"
@@ -113,6 +114,25 @@ def test_gpu_cost_model_tiny(tmp_path, capsys):
         assert len(part["sensitivity"]) == 9
         nominal = [r for r in part["sensitivity"] if (r["gemm_efficiency"], r["memory_efficiency"]) == (0.7, 0.85)]
         assert nominal[0]["miss_ext bat"] == pytest.approx(part["targets"]["miss_ext bat"]["predicted"])
+
+
+def test_measurement_without_a_copy_says_the_model_s_memory_efficiency_is_used():
+    """A GPU run with --no-merge times no W.copy_(): the comparison says so instead of printing
+    the model's assumption as if the GPU had shown it."""
+    measured_module = load("gpu_measured")
+    measured = {"path": "m.json", "machine": {"gpu": "NVIDIA H200"},
+                "args": {"tokens": 64, "in_features": 32, "out_features": 32, "r": 8},
+                "rows": [{"dtype": "bf16-fp32", "candidate": "Linear (frozen)", "variant": "bat", "dropout": 0.0,
+                          "fwd_bwd_ms": 1.0, "fwd_bwd_ratio": 1.0}]}
+    implied = measured_module.implied_efficiencies(measured, {"bf16_tflops": 989.4, "hbm_tb_s": 4.8})
+    assert implied["memory_efficiency"] is None and implied["gemm_efficiency"] == pytest.approx(
+        2 * 2 * 64 * 32 * 32 / (1e-3 * 989.4e12))
+    analysis = {"H200 SXM": {"at_measured_efficiencies": {
+        "implied": implied, "model_gemm_efficiency": 0.7, "model_memory_efficiency": 0.85}}}
+    shape = type("Shape", (), {"tokens": 64, "in_features": 32, "out_features": 32, "r": 8})
+    text = measured_module.compare({"H200 SXM": {}}, analysis, measured, shape)
+    assert "memory efficiency: none in the file (no merge row), the model's 0.85 used" in text
+    assert "WARNING" not in text
 
 
 def test_weight_path_numerics_tiny(capsys):
