@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import base_layers
 from . import ops as kernel_ops
 from . import reference as reference_ops
 from .adapter_names import ActiveAdapters, checked_names
@@ -217,8 +218,10 @@ class MissLinear(ActiveAdapters, nn.Module):
         """Raises what merge() would raise, changing nothing (with safe_merge, the merge is
         rehearsed on a copy of the weight)."""
         names = self._merge_order(adapter_names)
+        base_layers.check_mergeable(self.base_layer)
         if safe_merge and names:
-            self._merge_blocks_into(self.base_layer.weight.detach().clone(), names, merge=True, check_finite=True)
+            with base_layers.dense_weight(self.base_layer) as weight:
+                self._merge_blocks_into(weight.detach().clone(), names, merge=True, check_finite=True)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Merges adapters (default: the active ones) into the base weight, in place.
@@ -232,15 +235,20 @@ class MissLinear(ActiveAdapters, nn.Module):
                    if n in self.merged_adapters]
         if already:
             warnings.warn(f"adapter(s) {already} are already merged; merging only the others")
+        base_layers.check_mergeable(self.base_layer)
         if safe_merge and len(names) > 1:
             self.check_merge(safe_merge, names)  # one adapter's merge_ is already all-or-nothing
-        self._merge_blocks_into(self.base_layer.weight, names, merge=True, check_finite=safe_merge)
+        if not names:
+            return
+        with base_layers.writable_dense_weight(self.base_layer) as weight:
+            self._merge_blocks_into(weight, names, merge=True, check_finite=safe_merge)
         self.merged_adapters.extend(names)
 
     def check_unmerge(self) -> None:
         """Raises what unmerge() would raise (a singular bat block), changing nothing."""
         if any(self.miss_variant[n] == "bat" for n in self.merged_adapters):
-            self._merge_blocks_into(self.base_layer.weight.detach().clone(), self.merged_adapters[::-1], merge=False)
+            with base_layers.dense_weight(self.base_layer) as weight:
+                self._merge_blocks_into(weight.detach().clone(), self.merged_adapters[::-1], merge=False)
 
     def unmerge(self) -> None:
         """Undoes every merge, last merged first; on error the weight is unchanged."""
@@ -249,7 +257,8 @@ class MissLinear(ActiveAdapters, nn.Module):
             return
         if len(self.merged_adapters) > 1:
             self.check_unmerge()  # one adapter's unmerge_ is already all-or-nothing
-        self._merge_blocks_into(self.base_layer.weight, self.merged_adapters[::-1], merge=False)
+        with base_layers.writable_dense_weight(self.base_layer) as weight:
+            self._merge_blocks_into(weight, self.merged_adapters[::-1], merge=False)
         self.merged_adapters.clear()
 
     def get_delta_weight(self, adapter: str) -> Tensor:
@@ -257,7 +266,10 @@ class MissLinear(ActiveAdapters, nn.Module):
         float64 weights), computed without touching the weight."""
         if adapter not in self.miss_block:
             raise ValueError(f"unknown adapter {adapter!r}; this layer has {list(self.miss_block)}")
-        weight = self.base_layer.weight.detach()
+        with base_layers.dense_weight(self.base_layer) as weight:
+            return self._delta_weight(adapter, weight.detach())
+
+    def _delta_weight(self, adapter: str, weight: Tensor) -> Tensor:
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         block = self.miss_block[adapter].detach()
         with torch.no_grad():
@@ -285,17 +297,22 @@ class MissLinear(ActiveAdapters, nn.Module):
         p = self.miss_dropout[name] if self.training else 0.0
         return (p, kernel_ops.dropout_seed(x.device)) if p > 0.0 else (0.0, None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x)
+            return self.base_layer(x, *args, **kwargs)
         if not x.is_floating_point():
             raise TypeError(f"MissLinear: x must be a floating-point tensor, got dtype {x.dtype}")
         names = [n for n in self._active_adapters if n in self.miss_block]
         if self.merged or not names:
-            return self.base_layer(x)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+            return self.base_layer(x, *args, **kwargs)
+        if args or kwargs or not base_layers.reads_weight_directly(self.base_layer):
+            return self._through_base_layer(names, x, *args, **kwargs)
+        return self._fused(names, x, self.base_layer.weight, self.base_layer.bias)
+
+    def _fused(self, names: list, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The adapted layer by the fused ops, which read ``weight`` themselves."""
         device_type = x.device.type
         autocast_dtype = kernel_ops.autocast_dtype(device_type)
         if autocast_dtype is None:
@@ -308,6 +325,34 @@ class MissLinear(ActiveAdapters, nn.Module):
         x_in, weight, bias = (kernel_ops.autocast_cast(t, autocast_dtype, device_type) for t in (x, weight, bias))
         with torch.autocast(device_type, enabled=False):
             return self._adapted(names, x_in, weight, bias)
+
+    def _through_base_layer(self, names: list, x: Tensor, *args, **kwargs) -> Tensor:
+        """The adapted layer where the base layer must run as itself (hooks, a quantized or
+        sharded weight: see base_layers.py): standard/mini add their delta to
+        ``base_layer(x)``; bat, which replaces the weight, runs the fused op on the dense
+        weight (dequantized or gathered), as PEFT does, without calling the base layer."""
+        ops = reference_ops if self._backend == "reference" else kernel_ops
+        bats = [n for n in names if self.miss_variant[n] == "bat"]
+        shards = [n for n in names if self.miss_variant[n] != "bat"]
+        if bats:
+            if args or kwargs:
+                raise TypeError(f"MissLinear: a bat adapter replaces the weight and takes x only, got extra "
+                                f"arguments {args} {sorted(kwargs)} for the base layer")
+            self._check_bat_base(bats)
+            with base_layers.dense_weight(self.base_layer) as weight:
+                y = self._fused(bats, x, weight, self.base_layer.bias)
+        else:
+            y = self.base_layer(x, *args, **kwargs)
+        for name in shards:
+            y = ops.shard_delta_add(y, x, self.miss_block[name], *self._dropout_args(name, x))
+        return y if kernel_ops.autocast_dtype(x.device.type) is not None else y.to(x.dtype)
+
+    def _check_bat_base(self, bats: list) -> None:
+        if self.base_layer.weight.requires_grad and base_layers.where_weight_lives(self.base_layer) != "dense":
+            raise ValueError(
+                f"bat adapter(s) {bats} on a base layer ({type(self.base_layer).__name__}) whose weight is "
+                "quantized or sharded train the block only: freeze base_layer.weight (requires_grad_(False))"
+            )
 
     def _adapted(self, names: list, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The adapted layer on ``x`` (already in the weight's dtype), in that dtype."""

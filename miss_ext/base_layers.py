@@ -1,0 +1,211 @@
+"""What a MissLinear may do with its base layer: read the weight itself, or call the layer.
+
+The fused ops (``shard_linear``, ``bat_linear``) read ``base_layer.weight`` and ``bias`` and
+compute the base GEMM themselves. That equals ``base_layer(x)`` only when calling the layer
+would do nothing but ``F.linear(x, weight, bias)``: :func:`reads_weight_directly` says when.
+Everything else lives in what the fused ops would skip:
+
+- hooks on the layer, or global module hooks: DeepSpeed ZeRO-3 gathers the weight in a
+  pre-forward hook, FSDP2 ``fully_shard`` on a Linear unshards it in one, users log or edit
+  activations in them;
+- a weight that is not a dense tensor: a DTensor shard, a ZeRO-3 partition (an empty tensor
+  with ``ds_id``), a bitsandbytes 4-bit or 8-bit weight (packed integers);
+- a Linear subclass with a forward of its own (bitsandbytes' ``Linear4bit``, ``Linear8bitLt``).
+
+There the layer is called (standard, mini: ``y = base_layer(x)`` plus the delta op), or, for
+bat, which replaces the weight and so never calls the layer (nor does PEFT), the dense weight
+is obtained from wherever it lives: :func:`dense_weight`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYER_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _is_dense(t: Optional[Tensor]) -> bool:
+    """A plain strided float tensor (or Parameter), not a subclass that stands for something else."""
+    return (
+        type(t) in (Tensor, nn.Parameter)
+        and t.layout == torch.strided
+        and t.dtype in FLOAT_DTYPES
+        and not hasattr(t, "ds_id")  # a DeepSpeed ZeRO-3 parameter: its data may be a partition
+    )
+
+
+def has_hooks(layer: nn.Module) -> bool:
+    """Hooks that calling ``layer`` would run: its own, or global module hooks."""
+    return any(getattr(layer, name, None) for name in _LAYER_HOOKS) or any(
+        getattr(module_globals, name, None) for name in _GLOBAL_HOOKS
+    )
+
+
+def reads_weight_directly(layer: nn.Module) -> bool:
+    """True when ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)``, so the fused
+    ops may read the weight and bias themselves (the fast path)."""
+    weight = layer.weight
+    return (
+        type(layer).forward is nn.Linear.forward
+        and not has_hooks(layer)
+        and _is_dense(weight)
+        and weight.shape == (layer.out_features, layer.in_features)
+        and (layer.bias is None or _is_dense(layer.bias))
+    )
+
+
+# -- bitsandbytes ---------------------------------------------------------------------------
+# Only looked up when bitsandbytes is already imported: a model cannot hold its layers otherwise,
+# and importing it here would cost every user seconds.
+
+
+def _bnb():
+    return sys.modules.get("bitsandbytes")
+
+
+def quantization(layer: nn.Module) -> Optional[str]:
+    """"bnb-4bit", "bnb-8bit" or None."""
+    bnb = _bnb()
+    if bnb is None:
+        return None
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return "bnb-4bit"
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return "bnb-8bit"
+    return None
+
+
+def _dequantize(layer: nn.Module, kind: str) -> Tensor:
+    bnb = _bnb()
+    weight = layer.weight
+    if kind == "bnb-4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    # 8-bit: int8 rows CB with per-row absmax SCB (weight = CB * SCB / 127).
+    if getattr(weight, "SCB", None) is None:
+        return weight.data.to(torch.float32)  # has_fp16_weights=True: the weight is not quantized
+    return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+
+
+def _requantize(layer: nn.Module, kind: str, dense: Tensor) -> None:
+    """Puts ``dense`` back into the layer in its quantized form (PEFT LoRA's way for bnb)."""
+    bnb = _bnb()
+    old = layer.weight
+    device = old.device
+    if kind == "bnb-4bit":
+        kwargs = {k: v for k, v in old.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
+        kwargs.pop("_is_hf_initialized", None)
+        new = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, **kwargs).to(device)
+    else:
+        if getattr(old, "SCB", None) is None:
+            layer.weight.data = dense.to(old.dtype)
+            return
+        new = bnb.nn.Int8Params(dense.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
+        layer.state.reset_grads() if hasattr(layer, "state") and hasattr(layer.state, "reset_grads") else None
+    layer.weight = new
+
+
+# -- the dense weight, wherever it lives ----------------------------------------------------
+
+
+def _describe(layer: nn.Module) -> str:
+    weight = layer.weight
+    return f"{type(layer).__name__} whose weight is a {type(weight).__name__} of shape {tuple(weight.shape)}"
+
+
+def _zero3_gathered(weight: Tensor):
+    import deepspeed  # a parameter with ds_id exists only where DeepSpeed is imported
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return None
+    return DTensor
+
+
+def where_weight_lives(layer: nn.Module) -> str:
+    """"dense", "bnb-4bit", "bnb-8bit", "dtensor" or "zero3": where :func:`dense_weight` finds
+    the whole weight. Raises TypeError, naming the layer's class, for anything else."""
+    kind = quantization(layer)
+    if kind is not None:
+        return kind
+    weight = layer.weight
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(weight, dtensor):
+        return "dtensor"
+    if hasattr(weight, "ds_id"):
+        return "zero3"
+    if _is_dense(weight) and weight.shape == (layer.out_features, layer.in_features):
+        return "dense"
+    raise TypeError(
+        f"MissLinear cannot read the weight of its base layer, a {_describe(layer)}: bat and merge need "
+        "the whole dense weight, and miss_ext knows plain float tensors, bitsandbytes 4-bit/8-bit weights, "
+        "FSDP2 DTensors and DeepSpeed ZeRO-3 parameters (use a standard or mini adapter, which only call "
+        "the base layer)"
+    )
+
+
+@contextlib.contextmanager
+def dense_weight(layer: nn.Module) -> Iterator[Tensor]:
+    """The layer's whole ``[out, in]`` float weight for the time of the ``with``: the weight
+    itself when it is dense, else a dequantized or gathered copy that aliases nothing of the
+    layer (so autograd may keep it: the shard or partition is never read later)."""
+    where = where_weight_lives(layer)
+    weight = layer.weight
+    if where == "dense":
+        yield weight
+    elif where in ("bnb-4bit", "bnb-8bit"):
+        yield _dequantize(layer, where)
+    elif where == "dtensor":
+        yield weight.full_tensor()
+    else:
+        with _zero3_gathered(weight):
+            yield weight.detach().clone()
+
+
+def check_mergeable(layer: nn.Module) -> None:
+    """Raises ValueError when merge cannot write into the layer's weight: a sharded weight
+    (FSDP2 DTensor, ZeRO-3 partition) would need every process to merge its shard together."""
+    where = where_weight_lives(layer)
+    if where in ("dtensor", "zero3"):
+        raise ValueError(
+            f"cannot merge into a base layer whose weight is sharded ({_describe(layer)}, "
+            f"{'FSDP2' if where == 'dtensor' else 'DeepSpeed ZeRO-3'}): merge needs the whole weight; "
+            "gather a full state dict and merge in one process"
+        )
+
+
+@contextlib.contextmanager
+def writable_dense_weight(layer: nn.Module) -> Iterator[Tensor]:
+    """The weight to merge into, in place: the weight itself when it is dense; for a
+    bitsandbytes weight a dequantized float32 copy, requantized into the layer (in the
+    dtype it dequantizes to) at the end of a ``with`` that raised nothing, so a failed merge
+    leaves the layer as it was. Quantizing again rounds: a merged 4-bit/8-bit layer computes
+    close to, not exactly, the unmerged one, and unmerge does not give the original bits back
+    (PEFT's LoRA on bitsandbytes does the same, and warns the same)."""
+    check_mergeable(layer)
+    where = where_weight_lives(layer)
+    if where == "dense":
+        yield layer.weight
+        return
+    original = _dequantize(layer, where)
+    dense = original.to(torch.float32)
+    yield dense
+    warnings.warn(
+        f"merging into a {where} {type(layer).__name__} quantizes the merged weight again: its outputs "
+        "differ from the unmerged adapter's by the rounding, and unmerge() does not restore the original "
+        "weight exactly", stacklevel=4)
+    _requantize(layer, where, dense.to(original.dtype))
