@@ -122,10 +122,10 @@ def _describe(layer: nn.Module) -> str:
     return f"{type(layer).__name__} whose weight is a {type(weight).__name__} of shape {tuple(weight.shape)}"
 
 
-def _zero3_gathered(weight: Tensor):
+def _zero3_gathered(params: list):
     import deepspeed  # a parameter with ds_id exists only where DeepSpeed is imported
 
-    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _dtensor_type():
@@ -158,22 +158,36 @@ def where_weight_lives(layer: nn.Module) -> str:
     )
 
 
+def _whole(t: Optional[Tensor], where: str) -> Optional[Tensor]:
+    """A DTensor shard or ZeRO-3 partition as the whole tensor (inside its gathering)."""
+    if t is None or where in ("dense", "bnb-4bit", "bnb-8bit") or not (hasattr(t, "ds_id") or hasattr(t, "full_tensor")):
+        return t
+    return t.full_tensor() if where == "dtensor" else t.detach().clone()
+
+
 @contextlib.contextmanager
 def dense_weight(layer: nn.Module) -> Iterator[Tensor]:
     """The layer's whole ``[out, in]`` float weight for the time of the ``with``: the weight
     itself when it is dense, else a dequantized or gathered copy that aliases nothing of the
     layer (so autograd may keep it: the shard or partition is never read later)."""
-    where = where_weight_lives(layer)
-    weight = layer.weight
-    if where == "dense":
+    with dense_weight_and_bias(layer) as (weight, _):
         yield weight
+
+
+@contextlib.contextmanager
+def dense_weight_and_bias(layer: nn.Module) -> Iterator[tuple]:
+    """:func:`dense_weight` and the bias made whole the same way (a sharded layer shards both)."""
+    where = where_weight_lives(layer)
+    weight, bias = layer.weight, layer.bias
+    if where == "dense":
+        yield weight, bias
     elif where in ("bnb-4bit", "bnb-8bit"):
-        yield _dequantize(layer, where)
+        yield _dequantize(layer, where), bias
     elif where == "dtensor":
-        yield weight.full_tensor()
+        yield weight.full_tensor(), _whole(bias, where)
     else:
-        with _zero3_gathered(weight):
-            yield weight.detach().clone()
+        with _zero3_gathered([t for t in (weight, bias) if t is not None]):
+            yield _whole(weight, where), _whole(bias, where)
 
 
 def check_mergeable(layer: nn.Module) -> None:

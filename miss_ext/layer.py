@@ -339,8 +339,8 @@ class MissLinear(ActiveAdapters, nn.Module):
                 raise TypeError(f"MissLinear: a bat adapter replaces the weight and takes x only, got extra "
                                 f"arguments {args} {sorted(kwargs)} for the base layer")
             self._check_bat_base(bats)
-            with base_layers.dense_weight(self.base_layer) as weight:
-                y = self._fused(bats, x, weight, self.base_layer.bias)
+            with base_layers.dense_weight_and_bias(self.base_layer) as (weight, bias):
+                y = self._fused(bats, x, weight, bias)
         else:
             y = self.base_layer(x, *args, **kwargs)
         for name in shards:

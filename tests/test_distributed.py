@@ -3,7 +3,8 @@
 - DDP: each process on half the batch gives, after DDP's all-reduce, the block gradients of
   one process on the whole batch, and the same SGD step on every rank;
 - FSDP2 (``fully_shard``, which works on CPU with gloo in torch 2.14): the same, with the
-  blocks sharded as DTensors; the sharded adapter state goes through
+  blocks sharded as DTensors, per residual block and per nn.Linear (the base weights are then
+  DTensor shards that only FSDP's hooks on the Linear unshard); the sharded adapter state goes through
   torch.distributed.checkpoint and loads, resharded, into a plain single-process model;
 - torch.distributed.checkpoint in one process (no process group): an adapter's state
   saves and loads back bit for bit.
@@ -81,6 +82,21 @@ def test_fsdp2_fully_shard_on_cpu_and_its_adapter_state_through_dcp(ranks):
         assert {f"base_model.model.{k}" for k in state} == params.keys()
         for name, value in trainable(fresh).items():
             torch.testing.assert_close(value, params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_on_every_linear_gives_the_gradients_of_one_process(ranks):
+    """fully_shard on each base Linear: its weight is a DTensor shard outside the Linear's own
+    forward, so the fused op must not read it (standard/mini call the layer, bat gathers it)."""
+    _, results = ranks
+    if not results[0]["fsdp_per_linear"]:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    for variant in sorted(VARIANTS):
+        grads, _ = single_process_step(variant)
+        for rank, result in enumerate(results):
+            got = result["fsdp_per_linear"][variant]
+            # the 5 adapted base layers and the head
+            assert got["sharded_linears"] == 6 and got["base_weights"] == ["DTensor"], got
+            assert_grads_close(got["grads"], grads, what=f"FSDP2 per Linear {variant} rank {rank}")
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
