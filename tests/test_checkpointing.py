@@ -59,8 +59,13 @@ def test_without_restored_rng_the_masks_differ():
     assert any(not torch.allclose(got[k], expected[k]) for k in expected)
 
 
-def make_llama_model(dropout: float = 0.25):
-    model = get_miss_model(M.make_llama(), MissConfig(r=8, target_modules="all-linear", miss_dropout=dropout))
+LLAMA_VARIANTS = {"standard": dict(init_weights=True), "mini": dict(init_weights="mini", mini_r=4),
+                  "bat": dict(init_weights="bat")}
+
+
+def make_llama_model(dropout: float = 0.25, variant: str = "standard"):
+    config = MissConfig(r=8, target_modules="all-linear", miss_dropout=dropout, **LLAMA_VARIANTS[variant])
+    model = get_miss_model(M.make_llama(), config)
     M.randomize_blocks(model, scale=0.2)
     return model.train()
 
@@ -71,10 +76,11 @@ def llama_loss(model, tokens):
 
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}, {"use_reentrant": True}],
                          ids=["default", "non_reentrant", "reentrant"])
-def test_transformers_gradient_checkpointing_gives_the_same_gradients(kwargs):
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_transformers_gradient_checkpointing_gives_the_same_gradients(kwargs, variant):
     pytest.importorskip("transformers")
     tokens = M.token_input(batch=2, length=9)
-    model = make_llama_model()
+    model = make_llama_model(variant=variant)
     expected_loss, expected = loss_and_grads(model, llama_loss, model, tokens)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     assert model.model.is_gradient_checkpointing
