@@ -206,3 +206,26 @@ def test_standard_on_a_weight_of_an_unknown_type_calls_the_layer():
     M.copy_blocks_to_peft(ours, expected)
     x = torch.randn(3, 16)
     torch.testing.assert_close(ours(x), expected(x))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_peft_layers_on_miss_kernels_keep_the_hooks_of_their_base_layers(variant):
+    """use_miss_kernels runs PEFT's own forward wherever the fused op cannot stand in for the
+    base layer, so a hook fires as under PEFT (it never fired before base_layers.py)."""
+    from miss_ext.integrations.peft import use_miss_kernels
+
+    counters = {"kernels": Counter(), "peft": Counter()}
+    models = {}
+    for who in counters:
+        models[who] = peft.get_peft_model(hooked_mlp(counters[who]),
+                                          peft.MissConfig(target_modules=TARGETS, **VARIANTS[variant]))
+        M.randomize_blocks(models[who], seed=5, scale=0.3)
+    use_miss_kernels(models["kernels"])
+    x = M.mlp_input()
+    y, dx, grads = run_step(models["kernels"], x)
+    y_peft, dx_peft, grads_peft = run_step(models["peft"], x)
+    assert counters["kernels"].calls == counters["peft"].calls
+    torch.testing.assert_close(y, y_peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_peft, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_peft[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops as kernel_ops
+from ..base_layers import reads_weight_directly
 from ..config import MissConfig, variant_of
 from ..model import MissModel
 
@@ -101,7 +102,8 @@ def _kernel_plan(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[lis
     if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or getattr(layer, "quantization_backend", None) is not None:
+    # Hooks, a Linear subclass, a quantized or sharded weight: PEFT's forward calls the base layer.
+    if not reads_weight_directly(base) or getattr(layer, "quantization_backend", None) is not None:
         return None
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != layer.in_features:
         return None
