@@ -85,33 +85,55 @@ def quantization(layer: nn.Module) -> Optional[str]:
     return None
 
 
+def _int8_scales(layer: nn.Module) -> Optional[Tensor]:
+    """The per-row absmax of an 8-bit weight: on the weight until the first forward, which
+    moves it into ``layer.state`` (and sets the weight's to None)."""
+    scales = getattr(layer.weight, "SCB", None)
+    return scales if scales is not None else getattr(getattr(layer, "state", None), "SCB", None)
+
+
+def _unpack_for_cpu(weight) -> None:
+    """An eval-mode forward without grad on a CPU with AVX512-BF16 repacks a 4-bit weight into
+    a layout of bitsandbytes' CPU kernel, which dequantize_4bit does not read; this puts it
+    back in the canonical layout, in place, as bitsandbytes itself does before a state_dict or
+    a move (its next such forward repacks it)."""
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
 def _dequantize(layer: nn.Module, kind: str) -> Tensor:
     bnb = _bnb()
     weight = layer.weight
     if kind == "bnb-4bit":
+        _unpack_for_cpu(weight)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    # 8-bit: int8 rows CB with per-row absmax SCB (weight = CB * SCB / 127).
-    if getattr(weight, "SCB", None) is None:
-        return weight.data.to(torch.float32)  # has_fp16_weights=True: the weight is not quantized
-    return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+    if getattr(weight, "has_fp16_weights", False):
+        return weight.data  # an 8-bit layer that keeps its float weight (trained in full)
+    scales = _int8_scales(layer)
+    if scales is None:
+        raise TypeError(f"the {type(layer).__name__} has an int8 weight without its scales (SCB): "
+                        "move it to its device first (bitsandbytes quantizes on .to(device))")
+    # int8 rows CB with per-row absmax SCB: weight = CB * SCB / 127
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
 
 
 def _requantize(layer: nn.Module, kind: str, dense: Tensor) -> None:
-    """Puts ``dense`` back into the layer in its quantized form (PEFT LoRA's way for bnb)."""
+    """Puts ``dense`` back into the layer in its quantized form, on the layer's device."""
     bnb = _bnb()
     old = layer.weight
     device = old.device
     if kind == "bnb-4bit":
-        kwargs = {k: v for k, v in old.__dict__.items() if k not in ("data", "quant_state", "bnb_quantized")}
-        kwargs.pop("_is_hf_initialized", None)
-        new = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, **kwargs).to(device)
-    else:
-        if getattr(old, "SCB", None) is None:
-            layer.weight.data = dense.to(old.dtype)
-            return
-        new = bnb.nn.Int8Params(dense.to("cpu"), requires_grad=False, has_fp16_weights=False).to(device)
-        layer.state.reset_grads() if hasattr(layer, "state") and hasattr(layer.state, "reset_grads") else None
-    layer.weight = new
+        # The settings of the old weight (quant_type, blocksize, compress_statistics, quant_storage,
+        # module), not its data or state; private attributes (torch.compile's) are left behind.
+        settings = {k: v for k, v in old.__dict__.items()
+                    if not k.startswith("_") and k not in ("data", "quant_state", "bnb_quantized", "requires_grad")}
+        layer.weight = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, **settings).to(device)
+        return
+    layer.weight = bnb.nn.Int8Params(dense.to("cpu"), requires_grad=False,
+                                     has_fp16_weights=old.has_fp16_weights).to(device)
+    layer.state.reset_grads()  # drops the cached CB/SCB of the old weight, which forward would use
 
 
 # -- the dense weight, wherever it lives ----------------------------------------------------

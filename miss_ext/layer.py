@@ -35,8 +35,11 @@ def check_adapter_name(adapter_name) -> None:
 
 
 def default_block_dtype(weight: Tensor) -> torch.dtype:
-    """PEFT's default: float32 adapters on float16/bfloat16 models, else the weight's dtype."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    """PEFT's default: float32 adapters on float16/bfloat16 models, else the weight's dtype;
+    float32 on a quantized weight (bitsandbytes stores packed integers)."""
+    if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point():
+        return torch.float32
+    return weight.dtype
 
 
 def block_shape(variant: str, r: int, mini_r: int, in_features: int, out_features: int) -> tuple:
