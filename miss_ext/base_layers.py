@@ -53,14 +53,19 @@ def has_hooks(layer: nn.Module) -> bool:
 
 def reads_weight_directly(layer: nn.Module) -> bool:
     """True when ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)``, so the fused
-    ops may read the weight and bias themselves (the fast path)."""
-    weight = layer.weight
+    ops may read the weight and bias themselves (the fast path).
+
+    Runs at every forward, so it reads the registered parameters from ``_parameters`` (a
+    module attribute lookup costs about a microsecond each); a weight that is not registered
+    there (a parametrization's computed weight) takes the path that calls the layer."""
+    params = layer._parameters
+    weight, bias = params.get("weight"), params.get("bias")
     return (
         type(layer).forward is nn.Linear.forward
         and not has_hooks(layer)
         and _is_dense(weight)
         and weight.shape == (layer.out_features, layer.in_features)
-        and (layer.bias is None or _is_dense(layer.bias))
+        and (bias is None or _is_dense(bias))
     )
 
 
@@ -83,6 +88,15 @@ def quantization(layer: nn.Module) -> Optional[str]:
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return "bnb-8bit"
     return None
+
+
+def prepare_to_call(layer: nn.Module) -> None:
+    """Undoes what would make calling the layer fail: a 4-bit weight that bitsandbytes repacked
+    for its CPU inference kernel (in an eval forward without grad) breaks its training forward
+    ("a view of a leaf Variable that requires grad is being used in an in-place operation"), as
+    in evaluate-then-train; bitsandbytes repacks only in eval mode, so this unpacks once."""
+    if layer.training and quantization(layer) == "bnb-4bit":
+        _unpack_for_cpu(layer.weight)
 
 
 def _int8_scales(layer: nn.Module) -> Optional[Tensor]:
@@ -181,10 +195,12 @@ def where_weight_lives(layer: nn.Module) -> str:
 
 
 def _whole(t: Optional[Tensor], where: str) -> Optional[Tensor]:
-    """A DTensor shard or ZeRO-3 partition as the whole tensor (inside its gathering)."""
-    if t is None or where in ("dense", "bnb-4bit", "bnb-8bit") or not (hasattr(t, "ds_id") or hasattr(t, "full_tensor")):
-        return t
-    return t.full_tensor() if where == "dtensor" else t.detach().clone()
+    """A DTensor shard, or a ZeRO-3 parameter inside its gathering, as a whole plain tensor."""
+    if t is None:
+        return None
+    if where == "dtensor":
+        return t.full_tensor() if isinstance(t, _dtensor_type()) else t
+    return t.detach().clone()  # zero3: the gathered data is released when the gathering ends
 
 
 @contextlib.contextmanager
@@ -206,7 +222,7 @@ def dense_weight_and_bias(layer: nn.Module) -> Iterator[tuple]:
     elif where in ("bnb-4bit", "bnb-8bit"):
         yield _dequantize(layer, where), bias
     elif where == "dtensor":
-        yield weight.full_tensor(), _whole(bias, where)
+        yield _whole(weight, where), _whole(bias, where)
     else:
         with _zero3_gathered([t for t in (weight, bias) if t is not None]):
             yield _whole(weight, where), _whole(bias, where)

@@ -345,6 +345,7 @@ class MissLinear(ActiveAdapters, nn.Module):
             with base_layers.dense_weight_and_bias(self.base_layer) as (weight, bias):
                 y = self._fused(bats, x, weight, bias)
         else:
+            base_layers.prepare_to_call(self.base_layer)
             y = self.base_layer(x, *args, **kwargs)
         for name in shards:
             y = ops.shard_delta_add(y, x, self.miss_block[name], *self._dropout_args(name, x))

@@ -177,3 +177,24 @@ def test_an_eval_forward_that_repacks_the_4bit_weight_for_the_cpu_kernel_changes
             warnings.simplefilter("ignore")
             ours.merge_adapter()
         assert M.relative_error(ours(x), first) < 0.3
+
+
+@pytest.mark.parametrize("variant", ["standard", "mini"])
+def test_training_after_an_eval_forward_that_repacked_the_4bit_weight(variant):
+    """Evaluate, then train (Trainer with eval_strategy does): bitsandbytes' repacked weight
+    fails its training forward under PEFT; miss_ext unpacks it first, and the gradients are
+    those of a layer that was never repacked (up to the repack's bfloat16 block scales)."""
+    ours, _ = ours_and_peft("nf4", variant)
+    never_repacked, _ = ours_and_peft("nf4", variant)
+    x = torch.randn(5, IN)
+    ours.eval()
+    with torch.no_grad():
+        ours(x)
+    assert ours.get_base_model()[0].base_layer.weight.quant_state.packing_format_for_cpu or \
+        not ours.get_base_model()[0].base_layer.support_avx512bf16_for_cpu
+    ours.train()
+    y, grads = step(ours, x)
+    y_expected, grads_expected = step(never_repacked, x)
+    assert M.relative_error(y, y_expected) < 4e-3
+    for name in grads:
+        assert M.relative_error(grads[name], grads_expected[name]) < 1e-2, name
