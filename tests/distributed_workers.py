@@ -33,7 +33,7 @@ def worker(rank: int, world: int, tmp: str, ddp_variants: list, fsdp_variants: l
     _init(rank, world, tmp)
     try:
         results = {"ddp": ddp(rank, world, ddp_variants), "fsdp": fsdp(rank, world, tmp, fsdp_variants),
-                   "fsdp_per_linear": fsdp_per_linear(rank, world, ddp_variants)}
+                   "fsdp_per_linear": fsdp(rank, world, tmp, ddp_variants, per_linear=True)}
         torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -56,45 +56,15 @@ def ddp(rank: int, world: int, variants: list) -> dict:
     return results
 
 
-def fsdp(rank: int, world: int, tmp: str, variants: list) -> dict:
+def fsdp(rank: int, world: int, tmp: str, variants: list, per_linear: bool = False) -> dict:
     """FSDP2 (fully_shard: each residual block, then the root), a backward and an SGD step;
     the adapter state of each variant is then saved with torch.distributed.checkpoint from the
-    sharded model (DTensors) into ``<tmp>/dcp_<variant>``. Empty where torch has no FSDP2."""
+    sharded model (DTensors) into ``<tmp>/dcp_<variant>``. Empty where torch has no FSDP2.
+
+    per_linear: fully_shard on every nn.Linear first (the base layers inside the MissLinears and
+    the head), whose weights are then DTensor shards that only FSDP's hooks on the Linear
+    unshard: standard and mini must call the layer, bat gathers the whole weight (no DCP save)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        return {}
-
-    mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for variant in variants:
-        model = make_model(variant, dropout=0.0).train()
-        for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model.model, mesh=mesh)
-        x = _local(batch(rows=ROWS), rank, world)
-        model(x).square().mean().backward()
-        params = trainable(model)
-        grads = {n: p.grad.full_tensor() for n, p in params.items()}
-        torch.optim.SGD(params.values(), lr=LR).step()
-        results[variant] = {
-            "grads": grads,
-            "params": {n: p.detach().full_tensor() for n, p in params.items()},
-            "sharded": {n: type(p).__name__ for n, p in params.items()},
-        }
-        adapter_state = {k: v for k, v in model.model.state_dict().items() if ".miss_block." in k}
-        dcp.save(adapter_state, checkpoint_id=os.path.join(tmp, f"dcp_{variant}"))
-    return results
-
-
-def fsdp_per_linear(rank: int, world: int, variants: list) -> dict:
-    """FSDP2 applied to every nn.Linear (the base layers inside the MissLinears and the head),
-    then to each residual block and the root, a backward and an SGD step. The base weights are
-    DTensor shards that FSDP's hooks on the Linear unshard: standard and mini must call the
-    layer, bat gathers the whole weight. Empty where torch has no FSDP2."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -107,16 +77,22 @@ def fsdp_per_linear(rank: int, world: int, variants: list) -> dict:
     results = {}
     for variant in variants:
         model = make_model(variant, dropout=0.0).train()
-        linears = [m for m in model.modules() if type(m) is nn.Linear]
-        for linear in linears:
-            fully_shard(linear, mesh=mesh)
-        for block in model.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model.model, mesh=mesh)
+        linears = [m for m in model.modules() if type(m) is nn.Linear] if per_linear else []
+        for module in [*linears, *model.model.layers, model.model]:
+            fully_shard(module, mesh=mesh)
         x = _local(batch(rows=ROWS), rank, world)
         model(x).square().mean().backward()
         params = trainable(model)
         grads = {n: p.grad.full_tensor() for n, p in params.items()}
-        results[variant] = {"grads": grads, "sharded_linears": len(linears),
-                            "base_weights": sorted({type(m.weight).__name__ for m in linears})}
+        torch.optim.SGD(params.values(), lr=LR).step()
+        results[variant] = {
+            "grads": grads,
+            "params": {n: p.detach().full_tensor() for n, p in params.items()},
+            "sharded": {n: type(p).__name__ for n, p in params.items()},
+            "sharded_linears": len(linears),
+            "base_weights": sorted({type(m.weight).__name__ for m in linears}),
+        }
+        if not per_linear:
+            adapter_state = {k: v for k, v in model.model.state_dict().items() if ".miss_block." in k}
+            dcp.save(adapter_state, checkpoint_id=os.path.join(tmp, f"dcp_{variant}"))
     return results

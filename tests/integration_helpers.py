@@ -79,6 +79,17 @@ def loss_and_grads(model: nn.Module, fn, *args, seed: int = 123) -> tuple[torch.
     return loss.detach(), grads
 
 
+def single_process_step(variant: str, rows: int, lr: float) -> tuple[dict, dict]:
+    """The block gradients, and the blocks after one SGD step, of one process on the whole batch:
+    what the distributed tests' processes must reach together (dropout off)."""
+    model = make_model(variant, dropout=0.0).train()
+    model(batch(rows=rows)).square().mean().backward()
+    params = trainable(model)
+    grads = {n: p.grad.clone() for n, p in params.items()}
+    torch.optim.SGD(params.values(), lr=lr).step()
+    return grads, {n: p.detach().clone() for n, p in params.items()}
+
+
 def assert_grads_close(got: dict, expected: dict, *, rtol: float = 1e-5, atol: float = 1e-6, what: str = "") -> None:
     assert got.keys() == expected.keys(), f"{what}: gradients of different parameters"
     assert got, f"{what}: no trainable parameter"

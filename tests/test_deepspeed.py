@@ -15,7 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 import deepspeed_workers as W
-from integration_helpers import VARIANTS, assert_grads_close, batch, make_model, trainable
+import integration_helpers as helpers
+from integration_helpers import VARIANTS, assert_grads_close
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -24,12 +25,7 @@ STAGES = [2, 3]
 
 
 def single_process_step(variant: str):
-    model = make_model(variant, dropout=0.0).train()
-    model(batch(rows=W.ROWS)).square().mean().backward()
-    params = trainable(model)
-    grads = {n: p.grad.clone() for n, p in params.items()}
-    torch.optim.SGD(params.values(), lr=W.LR).step()
-    return grads, {n: p.detach().clone() for n, p in params.items()}
+    return helpers.single_process_step(variant, W.ROWS, W.LR)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_workers as W
-from integration_helpers import VARIANTS, assert_grads_close, batch, make_model, trainable
+import integration_helpers as helpers
+from integration_helpers import VARIANTS, assert_grads_close, make_model, trainable
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -31,13 +32,7 @@ WORLD = 2
 
 
 def single_process_step(variant: str):
-    """Gradients and parameters after one SGD step on the whole batch, in this process."""
-    model = make_model(variant, dropout=0.0).train()
-    model(batch(rows=W.ROWS)).square().mean().backward()
-    params = trainable(model)
-    grads = {n: p.grad.clone() for n, p in params.items()}
-    torch.optim.SGD(params.values(), lr=W.LR).step()
-    return grads, {n: p.detach().clone() for n, p in params.items()}
+    return helpers.single_process_step(variant, W.ROWS, W.LR)
 
 
 FSDP_VARIANTS = ["standard", "mixed"]
