@@ -91,10 +91,13 @@ def quantization(layer: nn.Module) -> Optional[str]:
 
 
 def prepare_to_call(layer: nn.Module) -> None:
-    """Undoes what would make calling the layer fail: a 4-bit weight that bitsandbytes repacked
-    for its CPU inference kernel (in an eval forward without grad) breaks its training forward
-    ("a view of a leaf Variable that requires grad is being used in an in-place operation"), as
-    in evaluate-then-train; bitsandbytes repacks only in eval mode, so this unpacks once."""
+    """Undoes what would make a training call of the layer fail or go wrong: a 4-bit weight that
+    bitsandbytes (0.50) repacked for its CPU inference kernel, in an eval forward without grad,
+    makes its next training forward run that kernel, through which no gradient reaches x (the
+    blocks of earlier layers then get wrong gradients), or fail with "a view of a leaf Variable
+    that requires grad is being used in an in-place operation" where the layer has a bias: the
+    evaluate-then-train of a Trainer with eval_strategy. bitsandbytes repacks in eval mode
+    only, so in training this unpacks once."""
     if layer.training and quantization(layer) == "bnb-4bit":
         _unpack_for_cpu(layer.weight)
 
