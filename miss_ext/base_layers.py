@@ -227,7 +227,10 @@ def dense_weight_and_bias(layer: nn.Module) -> Iterator[tuple]:
     elif where == "dtensor":
         yield _whole(weight, where), _whole(bias, where)
     else:
-        with _zero3_gathered([t for t in (weight, bias) if t is not None]):
+        # Inside a forward DeepSpeed has gathered them already (its parameter getter does, on
+        # access): gathering again would free them on exit while the module still uses them.
+        partitioned = [t for t in (weight, bias) if t is not None and t.ds_status.name != "AVAILABLE"]
+        with _zero3_gathered(partitioned) if partitioned else contextlib.nullcontext():
             yield _whole(weight, where), _whole(bias, where)
 
 

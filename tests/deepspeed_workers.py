@@ -3,8 +3,8 @@ torch.multiprocessing.spawn's children import it, not the test module).
 
 Each worker runs DeepSpeed on its CPU accelerator (DS_ACCELERATOR=cpu) over a gloo process
 group that meets in a FileStore in the test's temporary directory, trains the MLP of
-integration_helpers for one step on its half of a batch under ZeRO stage 2 and 3, and writes
-the full block gradients and the blocks after the step to ``<tmp>/rank<r>.pt``.
+integration_helpers for STEPS steps on its half of a batch under ZeRO stage 2 and 3, and writes
+the full block gradients of the last step and the blocks after it to ``<tmp>/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from integration_helpers import batch, make_model, trainable
 
 ROWS = 8  # the whole batch; each of the 2 ranks gets half
 LR = 0.1
+STEPS = 3
 
 
 def _config(stage: int) -> dict:
@@ -53,10 +54,11 @@ def worker(rank: int, world: int, tmp: str, stages: list, variants: list) -> Non
             base = model.base_model.model.proj_in.base_layer.weight
             partitioned = tuple(base.shape) != (32, 16)  # ZeRO-3: an empty partition outside forward
             x = batch(rows=ROWS).chunk(world)[rank]
-            loss = engine(x).square().mean()
-            engine.backward(loss)
-            grads = {n: safe_get_full_grad(p).clone() for n, p in params.items()}
-            engine.step()
+            for _ in range(STEPS):
+                loss = engine(x).square().mean()
+                engine.backward(loss)
+                grads = {n: safe_get_full_grad(p).clone() for n, p in params.items()}
+                engine.step()
             after = {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()}
             results[(stage, variant)] = {"grads": grads, "params": after, "partitioned": partitioned}
             engine.destroy()

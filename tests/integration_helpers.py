@@ -79,14 +79,18 @@ def loss_and_grads(model: nn.Module, fn, *args, seed: int = 123) -> tuple[torch.
     return loss.detach(), grads
 
 
-def single_process_step(variant: str, rows: int, lr: float) -> tuple[dict, dict]:
-    """The block gradients, and the blocks after one SGD step, of one process on the whole batch:
-    what the distributed tests' processes must reach together (dropout off)."""
+def single_process_step(variant: str, rows: int, lr: float, steps: int = 1) -> tuple[dict, dict]:
+    """The block gradients of the last of ``steps`` SGD steps on the whole batch, and the blocks
+    after it, in one process: what the distributed tests' processes must reach together
+    (dropout off)."""
     model = make_model(variant, dropout=0.0).train()
-    model(batch(rows=rows)).square().mean().backward()
     params = trainable(model)
-    grads = {n: p.grad.clone() for n, p in params.items()}
-    torch.optim.SGD(params.values(), lr=lr).step()
+    optimizer = torch.optim.SGD(params.values(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(batch(rows=rows)).square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        optimizer.step()
     return grads, {n: p.detach().clone() for n, p in params.items()}
 
 

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 with MiSS adapters, on 2 CPU processes (DeepSpeed's CPU
-accelerator, gloo): the block gradients and the step of one process on the whole batch.
+accelerator, gloo), 3 steps: the block gradients and the blocks of one process on the whole batch.
 
 Under ZeRO-3 every parameter, the frozen base weights too, is an empty partition outside the
 forward of its own module; DeepSpeed gathers it in a pre-forward hook on that module. The
@@ -25,7 +25,7 @@ STAGES = [2, 3]
 
 
 def single_process_step(variant: str):
-    return helpers.single_process_step(variant, W.ROWS, W.LR)
+    return helpers.single_process_step(variant, W.ROWS, W.LR, steps=W.STEPS)
 
 
 @pytest.fixture(scope="module")
