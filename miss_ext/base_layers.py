@@ -51,22 +51,29 @@ def has_hooks(layer: nn.Module) -> bool:
     )
 
 
-def reads_weight_directly(layer: nn.Module) -> bool:
-    """True when ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)``, so the fused
-    ops may read the weight and bias themselves (the fast path).
+def fused_weight_and_bias(layer: nn.Module) -> Optional[tuple]:
+    """``(weight, bias)`` when ``layer(x)`` is exactly ``F.linear(x, weight, bias)``, so the fused
+    ops may read them themselves (the fast path); None when the layer must be called.
 
     Runs at every forward, so it reads the registered parameters from ``_parameters`` (a
     module attribute lookup costs about a microsecond each); a weight that is not registered
     there (a parametrization's computed weight) takes the path that calls the layer."""
     params = layer._parameters
     weight, bias = params.get("weight"), params.get("bias")
-    return (
+    if (
         type(layer).forward is nn.Linear.forward
-        and not has_hooks(layer)
         and _is_dense(weight)
-        and weight.shape == (layer.out_features, layer.in_features)
         and (bias is None or _is_dense(bias))
-    )
+        and weight.shape == (layer.out_features, layer.in_features)
+        and not has_hooks(layer)
+    ):
+        return weight, bias
+    return None
+
+
+def reads_weight_directly(layer: nn.Module) -> bool:
+    """True when the fused ops may read the layer's weight and bias themselves."""
+    return fused_weight_and_bias(layer) is not None
 
 
 # -- bitsandbytes ---------------------------------------------------------------------------

@@ -310,9 +310,10 @@ class MissLinear(ActiveAdapters, nn.Module):
         names = [n for n in self._active_adapters if n in self.miss_block]
         if self.merged or not names:
             return self.base_layer(x, *args, **kwargs)
-        if args or kwargs or not base_layers.reads_weight_directly(self.base_layer):
+        fused = None if args or kwargs else base_layers.fused_weight_and_bias(self.base_layer)
+        if fused is None:
             return self._through_base_layer(names, x, *args, **kwargs)
-        return self._fused(names, x, self.base_layer.weight, self.base_layer.bias)
+        return self._fused(names, x, *fused)
 
     def _fused(self, names: list, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The adapted layer by the fused ops, which read ``weight`` themselves."""
